@@ -1,0 +1,9 @@
+from django.urls import path
+
+from app.chat import views
+
+app_name = "chat"
+urlpatterns = [
+    path("", views.rooms, name="rooms"),
+    path("rooms/<int:room_id>/", views.room, name="room"),
+]

@@ -1,0 +1,83 @@
+"""Typed access to the environment, with errors that name the variable.
+
+Settings are read from the environment only (see the README's table). Every
+parser raises `ConfigError` with the variable's name, so a bad deploy stops at
+start with one readable line instead of failing later in a request.
+"""
+from __future__ import annotations
+
+import os
+
+from django.core.exceptions import ImproperlyConfigured
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ImproperlyConfigured):
+    pass
+
+
+def raw(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip()
+
+
+def get_bool(name: str, default: bool) -> bool:
+    value = raw(name)
+    if value is None:
+        return default
+    if value.lower() in TRUE:
+        return True
+    if value.lower() in FALSE:
+        return False
+    raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def get_int(name: str, default: int, minimum: int | None = None) -> int:
+    value = raw(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def get_float(name: str, default: float, minimum: float = 0.0) -> float:
+    value = raw(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def get_list(name: str, default: list[str]) -> list[str]:
+    value = raw(name)
+    if value is None:
+        return list(default)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def get_str(name: str, default: str | None, *, required: bool = False, why: str = "") -> str | None:
+    value = raw(name)
+    if value:
+        return value
+    if required:
+        raise ConfigError(f"{name} is required{why}. Set it in the environment (see README: Settings).")
+    return default
+
+
+def get_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (raw(name) or default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
