@@ -42,7 +42,9 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # Heartbeat files: /tmp is the one writable place on a read-only root.
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR", "/tmp")
-proc_name = "chat"
+# gunicorn's runtime control socket (gunicornc) defaults to ~/.gunicorn: off,
+# so a read-only root works and several instances on one host cannot clash.
+control_socket_disable = True
 
 
 def on_starting(server):

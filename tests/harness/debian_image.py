@@ -78,3 +78,24 @@ if __name__ == "__main__":
     import sys
     which = sys.argv[1] if len(sys.argv) > 1 else "python"
     print(python_base_image() if which == "python" else systemd_base_image())
+
+
+SERVICES_PACKAGES = ["redis-server", "postgresql", "openssl"]
+
+
+def services_image(tag: str = "chat-test/services:trixie") -> str:
+    """The local Python base plus Redis (built with TLS), PostgreSQL and openssl:
+    stands in for the platforms' managed Postgres and Key-Value add-ons."""
+    if image_exists(tag):
+        return tag
+    base = python_base_image()
+    dockerfile = (
+        f"FROM {base}\n"
+        "RUN apt-get update \\\n"
+        f" && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {' '.join(SERVICES_PACKAGES)} \\\n"
+        " && rm -rf /var/lib/apt/lists/*\n"
+    )
+    env = dict(os.environ, DOCKER_BUILDKIT="0")
+    subprocess.run(["docker", "build", "--network", "host", "-t", tag, "-"], input=dockerfile.encode(),
+                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return tag

@@ -1,0 +1,39 @@
+# The two commands a newcomer needs:   make run   and   make test
+# PYTHON picks the interpreter for .venv (CI uses Debian's /usr/bin/python3).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: run test test-fast lock verify bench clean
+
+$(STAMP): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.txt
+	touch $@
+
+## Development server: DEBUG on, SQLite, in-memory channel layer, Daphne's runserver.
+run: $(STAMP)
+	DEBUG=True $(BIN)/python manage.py migrate --noinput
+	DEBUG=True $(BIN)/python manage.py runserver 127.0.0.1:8000
+
+## Everything: unit, integration (real Redis/PostgreSQL/gunicorn), browser, and every target.
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## Only what needs no Docker: unit, integration and browser tests.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit tests/integration tests/browser
+
+## Re-resolve both locks (with hashes) from requirements.in / requirements-dev.in.
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements.txt requirements.in
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements-dev.txt requirements-dev.in
+
+## Black-box check of any deployment: make verify URL=https://chat.example.com
+verify: $(STAMP)
+	$(BIN)/python -m tests.contract.verify $(URL)
+
+clean:
+	rm -rf $(VENV) staticfiles db.sqlite3 .pytest_cache

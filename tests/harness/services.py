@@ -1,0 +1,203 @@
+"""Real services as subprocesses on 127.0.0.1: Redis, PostgreSQL, gunicorn.
+
+Each is started on a free port in its own temporary directory and stopped by
+`stop()`. Used by the integration tests, the contract's "bare" target, the
+benchmark and the fault suite, so they all run the same production stack.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None, what: str = "service"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+def _terminate(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout=15):
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class RedisServer:
+    def __init__(self, password: str | None = None):
+        self.port = free_port()
+        self.password = password
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--daemonize", "no", "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc, what="redis-server")
+        return self
+
+    def stop(self):
+        _terminate(self.proc)
+
+    restart = start
+
+
+class PostgresServer:
+    """A private cluster; initdb refuses root, so it runs as `postgres` then."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="chat-pg-"))
+        self.password = secrets.token_urlsafe(16)
+        self.proc = None
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @property
+    def url(self) -> str:
+        return f"postgres://chat:{self.password}@127.0.0.1:{self.port}/chat"
+
+    def start(self) -> "PostgresServer":
+        data = self.dir / "data"
+        if not data.exists():
+            if self.as_user:
+                pw = pwd.getpwnam("postgres")
+                os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            pwfile = self.dir / "pw"
+            pwfile.write_text(self.password + "\n")
+            if self.as_user:
+                os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+            subprocess.run(
+                [*self.as_user, str(PG_BIN / "initdb"), "-D", str(data), "-U", "chat", "--pwfile", str(pwfile),
+                 "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+        self.proc = subprocess.Popen(
+            [*self.as_user, str(PG_BIN / "postgres"), "-D", str(data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+             "-c", f"unix_socket_directories={self.dir}", "-c", "fsync=off", "-c", "max_connections=200"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, proc=self.proc, what="postgres")
+        self._create_database()
+        return self
+
+    def _create_database(self):
+        deadline = time.monotonic() + 20
+        while True:
+            r = subprocess.run(
+                ["psql", f"postgres://chat:{self.password}@127.0.0.1:{self.port}/postgres", "-tAc",
+                 "SELECT 1 FROM pg_database WHERE datname='chat'"], capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres not accepting connections: {r.stderr}")
+            time.sleep(0.2)
+        if r.stdout.strip() != "1":
+            subprocess.run(["psql", f"postgres://chat:{self.password}@127.0.0.1:{self.port}/postgres", "-qc", "CREATE DATABASE chat"],
+                           check=True, capture_output=True)
+
+    def stop(self):
+        _terminate(self.proc, signal.SIGINT)  # "fast" shutdown
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def production_env(redis_url: str, database_url: str, port: int, **extra) -> dict:
+    """The environment a platform gives the app: DEBUG=False and the URLs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PYTEST_"))}
+    env.update(
+        DEBUG="False",
+        SECRET_KEY=secrets.token_urlsafe(50),
+        ALLOWED_HOSTS="127.0.0.1,localhost",
+        SITE_DOMAIN=f"127.0.0.1:{port}",
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        PORT=str(port),
+        WEB_CONCURRENCY="2",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def manage(env: dict, *args, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=REPO, env=env, capture_output=True, text=True, check=check)
+
+
+class Gunicorn:
+    """The runtime contract: a bare `gunicorn` in the repo root."""
+
+    def __init__(self, env: dict, log_path: Path | None = None):
+        self.env = env
+        self.port = int(env["PORT"])
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
+        self.proc = None
+
+    def start(self, ready_timeout: float = 30.0) -> "Gunicorn":
+        gunicorn = Path(sys.executable).with_name("gunicorn")
+        self._log = open(self.log_path, "ab")
+        # Never root, as on every target (the contract checks it).
+        as_nobody = {"user": "nobody", "group": "nogroup"} if os.geteuid() == 0 else {}
+        self.proc = subprocess.Popen([str(gunicorn)], cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, **as_nobody)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{self.port}/readyz", headers={"Host": "127.0.0.1"})
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"gunicorn not ready within {ready_timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, sig=signal.SIGTERM, timeout=40):
+        _terminate(self.proc, sig, timeout)
+        if getattr(self, "_log", None):
+            self._log.close()

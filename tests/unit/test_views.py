@@ -1,0 +1,88 @@
+import json
+import re
+
+import pytest
+from django.contrib.auth.models import User
+from django.contrib.sites.models import Site
+from django.core.management import call_command
+
+from app.chat.models import Message, Room
+from app.websockets import websocket_absolute_url, websocket_reverse
+
+pytestmark = pytest.mark.django_db
+
+HOST = {"HTTP_HOST": "chat.example.com"}
+
+
+@pytest.fixture
+def alice(client):
+    user = User.objects.create_user("alice", password="pw-unused-123")
+    client.force_login(user)
+    return user
+
+
+def test_signup_logs_in_and_lands_on_rooms(client):
+    r = client.post("/accounts/signup/", {"username": "newbie", "password1": "a-Long-pass-42", "password2": "a-Long-pass-42"}, **HOST)
+    assert r.status_code == 302 and r["Location"] == "/"
+    assert client.get("/", **HOST).status_code == 200
+
+
+def test_rooms_need_login(client):
+    r = client.get("/", **HOST)
+    assert r.status_code == 302 and r["Location"].startswith("/accounts/login/")
+
+
+def test_create_room_and_open_it(client, alice):
+    r = client.post("/", {"name": "  Team   room "}, **HOST)
+    room = Room.objects.get()
+    assert room.name == "Team room" and r["Location"] == f"/rooms/{room.pk}/"
+    page = client.get(r["Location"], **HOST).content.decode()
+    assert f'ws-connect="/ws/rooms/{room.pk}/"' in page
+    assert f'data-ws-url="wss://chat.example.com/ws/rooms/{room.pk}/"' in page
+    assert "htmx-2.0.11.min.js" in page and "htmx-ext-ws-2.0.4.min.js" in page
+
+
+def test_room_page_shows_the_last_50_messages_escaped(client, alice, settings):
+    room = Room.objects.create(name="r")
+    Message.objects.bulk_create(Message(room=room, author=alice, body=f"<i>m{n}</i>") for n in range(60))
+    page = client.get(f"/rooms/{room.pk}/", **HOST).content.decode()
+    bodies = re.findall(r'<p class="body">&lt;i&gt;m(\d+)&lt;/i&gt;</p>', page)
+    assert bodies == [str(n) for n in range(10, 60)]
+    last = Message.objects.order_by("-id").first().pk
+    assert f'data-last-id="{last}"' in page
+
+
+def test_unknown_room_is_404(client, alice):
+    assert client.get("/rooms/999/", **HOST).status_code == 404
+
+
+def test_websocket_url_helpers(settings):
+    assert websocket_reverse("ws_group_chat", args=[7]) == "/ws/rooms/7/"
+    assert websocket_reverse("ws_group_chat", kwargs={"room_id": 8}) == "/ws/rooms/8/"
+    settings.USE_HTTPS_IN_ABSOLUTE_URLS = False
+    assert websocket_absolute_url("/ws/rooms/7/") == "ws://chat.example.com/ws/rooms/7/"
+    settings.USE_HTTPS_IN_ABSOLUTE_URLS = True
+    assert websocket_absolute_url("/ws/rooms/7/") == "wss://chat.example.com/ws/rooms/7/"
+
+
+def test_migrate_keeps_the_site_domain_in_step(settings):
+    Site.objects.filter(pk=1).update(domain="example.com")
+    Site.objects.clear_cache()
+    settings.SITE_DOMAIN = "chat.example.org"
+    call_command("migrate", verbosity=0)
+    assert Site.objects.get(pk=1).domain == "chat.example.org"
+
+
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz", **HOST).json() == {"status": "ok"}
+    r = client.get("/readyz", **HOST)
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "checks": {"database": "ok", "channel_layer": "ok"}}
+
+
+def test_health_is_exempt_from_https_redirect_but_pages_are_not(client, settings):
+    settings.SECURE_SSL_REDIRECT = True
+    assert client.get("/healthz", **HOST).status_code == 200
+    r = client.get("/accounts/login/", **HOST)
+    assert r.status_code == 301 and r["Location"] == "https://chat.example.com/accounts/login/"
+    assert client.get("/accounts/login/", secure=True, **HOST).status_code == 200
