@@ -14,12 +14,12 @@ import sys
 
 from tests.harness.services import REPO
 
-# test_runtime.py's tests plus the verifier's checks.
-def expected_count() -> int:
+def expected_count(hosts: str) -> int:
+    """test_runtime.py's tests once per host, plus the verifier's checks."""
     from tests.contract import verify
 
     runtime = (REPO / "tests/contract/test_runtime.py").read_text().count("\ndef test_")
-    return runtime + len(verify.CHECKS)
+    return runtime * len(hosts.split(",")) + len(verify.CHECKS)
 
 
 def run_contract(url: str, hosts: str, *, workers: int = 2, port: int = 8000, redis: str, host_header: str | None = None,
@@ -43,5 +43,5 @@ def run_contract(url: str, hosts: str, *, workers: int = 2, port: int = 8000, re
     output = result.stdout + result.stderr
     passed = re.search(r"(\d+) passed", output)
     assert result.returncode == 0, f"contract failed against {url} ({hosts}):\n{output}"
-    assert passed and int(passed.group(1)) == expected_count(), f"contract ran {passed and passed.group(1)} of {expected_count()} checks:\n{output}"
+    assert passed and int(passed.group(1)) == expected_count(hosts), f"contract ran {passed and passed.group(1)} of {expected_count(hosts)} checks:\n{output}"
     return output

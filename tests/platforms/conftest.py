@@ -1,0 +1,54 @@
+"""Session fixtures for the platform emulations: one Docker network, the
+product image (built once from the local Debian 13 base) and the image the
+managed services run from. Everything is removed at the end of the session."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.harness.app_image import build_app_image
+from tests.harness.debian_image import python_base_image, services_image
+from tests.platforms.infra import Lab
+
+TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def timings():
+    yield TIMINGS
+    if TIMINGS:
+        print("\nplatform timings: " + ", ".join(f"{k}={v:.1f}s" for k, v in TIMINGS.items()))
+
+
+@pytest.fixture(scope="session")
+def lab():
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.cleanup()
+
+
+@pytest.fixture(scope="session")
+def base_image() -> str:
+    return python_base_image()
+
+
+@pytest.fixture(scope="session")
+def svc_image() -> str:
+    return services_image()
+
+
+@pytest.fixture(scope="session")
+def app_image(timings) -> str:
+    start = time.monotonic()
+    tag = build_app_image()
+    timings["image build"] = time.monotonic() - start
+    return tag
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/platforms/" in str(item.fspath) and "test_manifests" not in str(item.fspath):
+            item.add_marker(pytest.mark.docker)

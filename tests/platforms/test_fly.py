@@ -1,0 +1,102 @@
+"""Fly.io, emulated from deploy/fly.toml.
+
+What `fly deploy --config deploy/fly.toml` does, done here:
+1. build `[build] dockerfile` (resolved relative to fly.toml's folder) with
+   the working directory (the repository root) as the build context;
+2. run `[deploy] release_command` in a temporary machine from the new image,
+   with `[env]`, the secrets and RELEASE_COMMAND=1;
+3. start two machines (`fly scale count 2`) with `[env]` and the secrets;
+4. run every `[[http_service.checks]]` exactly as declared: against the
+   machine's private address on `internal_port`, with the declared method,
+   path and headers (Host defaults to the machine's address, as Fly's is),
+   no redirects followed, 2xx within `timeout`.
+Then the [A] contract against both machines, through a stand-in for Fly's
+edge (public Host, X-Forwarded-Proto: https).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.harness.app_image import build_app_image
+from tests.harness.contract import run_contract
+from tests.platforms import manifests as m
+from tests.platforms.infra import REPO, contract_each, http_get, new_secret_key, out
+
+
+def fly_check(lab, machine: str, port: int, check: dict):
+    headers = {"Host": f"{lab.ip(machine)}:{port}", **check.get("headers", {})}
+    assert check.get("protocol", "http") == "http"
+    return http_get(lab.ip(machine), port, check["path"], headers, timeout=m.duration(check.get("timeout", "2s")),
+                    method=check.get("method", "GET").upper())
+
+
+@pytest.fixture(scope="module")
+def fly(lab, svc_image, timings):
+    cfg = m.fly()
+    start = time.monotonic()
+    image = build_app_image(f"{lab.prefix}/fly-app:latest", dockerfile=m.fly_dockerfile(), context=REPO)
+    lab.images.append(image)
+    timings["fly build"] = time.monotonic() - start
+
+    pg = lab.postgres("fly-pg", svc_image, aliases=["chat-example-db.flycast"], databases=["chat_example"])
+    redis = lab.redis("fly-redis", svc_image, aliases=["fly-chat-redis.upstash.io"])
+    secrets = {  # `fly secrets set ...` (README)
+        "SECRET_KEY": new_secret_key(),
+        "DATABASE_URL": pg.postgres_url("chat_example"),
+        "REDIS_URL": redis.redis_url(),
+    }
+    env = {**cfg.get("env", {}), **secrets,  # secrets win over [env]
+           "FLY_APP_NAME": cfg["app"], "FLY_REGION": cfg.get("primary_region", "ams"),
+           "PRIMARY_REGION": cfg.get("primary_region", "ams")}
+
+    start = time.monotonic()
+    release = lab.run_once("fly-release", image, m.fly_release_argv(), env={**env, "RELEASE_COMMAND": "1"})
+    assert release.returncode == 0, "release_command failed, the deploy stops:\n" + out(release)
+
+    port = cfg["http_service"]["internal_port"]
+    machines = [lab.run(f"fly-machine{i}", image, env={**env, "FLY_MACHINE_ID": f"e28{i}0000"}, publish=[port])
+                for i in (1, 2)]
+    published = [lab.port(name, port) for name in machines]
+    for name, p in zip(machines, published):
+        lab.wait_tcp(name, p)
+    timings["fly release+boot"] = time.monotonic() - start
+    return {"cfg": cfg, "machines": machines, "published": published, "port": port, "redis": redis}
+
+
+def test_declared_checks_pass_on_both_machines(fly, lab):
+    checks = fly["cfg"]["http_service"]["checks"]
+    assert checks
+    for check in checks:
+        grace = m.duration(check.get("grace_period", "0s"))
+        for machine in fly["machines"]:
+            deadline = time.monotonic() + max(grace, 30)
+            while True:
+                try:
+                    r = fly_check(lab, machine, fly["port"], check)
+                    if 200 <= r.status < 300:
+                        break
+                    last = f"{r.status} {r.headers.get('location', '')} {r.body[:200]!r}"
+                except OSError as exc:
+                    last = repr(exc)
+                assert time.monotonic() < deadline, f"{machine}: check {check['path']} failing: {last}\n{lab.logs(machine)[-3000:]}"
+                time.sleep(0.5)
+
+
+def test_a_check_without_the_declared_headers_would_fail(fly, lab):
+    """Fly's default Host is the machine address: without the manifest's Host
+    header Django refuses the probe, so the header in fly.toml is load-bearing."""
+    check = dict(fly["cfg"]["http_service"]["checks"][0])
+    check["headers"] = {}
+    r = fly_check(lab, fly["machines"][0], fly["port"], check)
+    assert r.status == 400, r.status
+
+
+def test_contract_against_both_machines(fly, timings):
+    start = time.monotonic()
+    host = fly["cfg"]["env"]["ALLOWED_HOSTS"].split(",")[0].strip()
+    contract_each(run_contract, [f"http://127.0.0.1:{p}" for p in fly["published"]],
+                  [f"docker://{n}" for n in fly["machines"]], workers=int(fly["cfg"]["env"].get("WEB_CONCURRENCY", 2)),
+                  port=fly["port"], redis=f"{fly['redis'].host}:6379", host_header=host, https_proxy=True)
+    timings["fly contract"] = time.monotonic() - start

@@ -1,0 +1,109 @@
+"""Render, emulated from deploy/render.yaml (a Blueprint at a custom path).
+
+What Render does for the web service (native `python` runtime), done here:
+1. the declared `buildCommand` in a clean container from the local base, in
+   /opt/render/project/src with Render's virtualenv first on PATH and the
+   service's env vars available (they are, at build time, on Render);
+   the result is committed (env vars go to `docker exec` only);
+2. the declared `preDeployCommand` in a one-off instance;
+3. the declared `startCommand` with PORT=10000 (Render's default) and the
+   declared envVars: values as written, `generateValue` generated,
+   `fromDatabase`/`fromService` resolved to test services named as in the
+   Blueprint, `sync: false` ones supplied as a user would in the dashboard;
+4. `healthCheckPath` as Render probes it: GET, Host = the service's
+   onrender.com name, 2xx/3xx within 5 s.
+Then the [A] contract against the instance.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.harness.contract import run_contract
+from tests.platforms import manifests as m
+from tests.platforms.infra import contract_each, http_get, new_secret_key, out
+
+SRC = "/opt/render/project/src"
+RENDER_PATH = f"{SRC}/.venv/bin:/usr/local/bin:/usr/bin:/bin"
+INSTANCE_USER = "20002:20002"
+
+
+@pytest.fixture(scope="module")
+def render(lab, base_image, svc_image, timings):
+    doc = m.render()
+    web = m.render_web()
+    spec = m.render_env_spec()
+    public_host = f"{web['name']}.onrender.com"
+    start = time.monotonic()
+
+    # Services named as in the Blueprint, reachable by those names.
+    db_spec = next(d for d in doc["databases"] if d["name"] == spec.from_database["DATABASE_URL"]["name"])
+    pg = lab.postgres("render-pg", svc_image, aliases=[db_spec["name"]], databases=[db_spec.get("databaseName", "chat")],
+                      user=db_spec.get("user", "chat"))
+    kv_name = spec.from_service["REDIS_URL"]["name"]
+    kv = lab.redis("render-kv", svc_image, aliases=[kv_name])
+    resolved = {
+        "DATABASE_URL": pg.postgres_url(db_spec.get("databaseName", "chat")),  # connectionString
+        "REDIS_URL": kv.redis_url().removesuffix("/0"),  # connectionString: redis://name:6379
+    }
+    env = dict(spec.values)
+    env.update({key: new_secret_key() for key in spec.generated})
+    for key in list(spec.from_database) + list(spec.from_service):
+        env[key] = resolved[key]
+    user_input = {"ALLOWED_HOSTS": public_host}
+    for key in spec.user_supplied:
+        env[key] = user_input[key]
+    render_env = {"RENDER": "true", "IS_PULL_REQUEST": "false", "RENDER_SERVICE_NAME": web["name"],
+                  "RENDER_EXTERNAL_HOSTNAME": public_host, "RENDER_EXTERNAL_URL": f"https://{public_host}"}
+
+    # -- build ----------------------------------------------------------------
+    builder = lab.run("render-build", base_image, ["sleep", "infinity"])
+    lab.copy_source(builder, SRC)
+    lab.exec(builder, ["python3", "-m", "venv", f"{SRC}/.venv"])
+    build = lab.exec(builder, ["bash", "-c", web["buildCommand"]], workdir=SRC, check=False,
+                     env={**env, **render_env, "PATH": RENDER_PATH, "PIP_NO_CACHE_DIR": "1"})
+    assert build.returncode == 0, "buildCommand failed:\n" + out(build)
+    image = lab.commit(builder, f"{lab.prefix}/render-build:latest", [f"ENV PATH={RENDER_PATH}", f"WORKDIR {SRC}"])
+    lab.remove(builder)
+    timings["render build"] = time.monotonic() - start
+
+    # -- pre-deploy, then start -------------------------------------------------
+    start = time.monotonic()
+    runtime_env = {**env, **render_env, "PORT": str(m.RENDER_PORT)}
+    pre = lab.run_once("render-predeploy", image, ["bash", "-c", web["preDeployCommand"]], env=runtime_env, user=INSTANCE_USER)
+    assert pre.returncode == 0, "preDeployCommand failed:\n" + out(pre)
+    instance = lab.run("render-web", image, ["bash", "-c", web["startCommand"]], env=runtime_env, user=INSTANCE_USER,
+                       publish=[m.RENDER_PORT])
+    published = lab.port(instance, m.RENDER_PORT)
+    lab.wait_tcp(instance, published)
+    timings["render predeploy+boot"] = time.monotonic() - start
+    return {"web": web, "instance": instance, "published": published, "host": public_host, "kv": kv, "env": runtime_env}
+
+
+def test_health_check_as_render_probes_it(render, lab):
+    path = render["web"]["healthCheckPath"]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            r = http_get(lab.ip(render["instance"]), m.RENDER_PORT, path, {"Host": render["host"]}, timeout=5)
+            if 200 <= r.status < 400:
+                break
+            last = f"{r.status} {r.body[:200]!r}"
+        except OSError as exc:
+            last = repr(exc)
+        assert time.monotonic() < deadline, f"health check {path} failing: {last}\n{lab.logs(render['instance'])[-3000:]}"
+        time.sleep(0.5)
+
+
+def test_listens_on_renders_port(render, lab):
+    r = lab.exec(render["instance"], ["bash", "-c", "echo $PORT $DEBUG"])
+    assert out(r).split() == [str(m.RENDER_PORT), "False"]
+
+
+def test_contract(render, timings):
+    start = time.monotonic()
+    contract_each(run_contract, [f"http://127.0.0.1:{render['published']}"], [f"docker://{render['instance']}"],
+                  workers=int(render["env"].get("WEB_CONCURRENCY", 2)), port=m.RENDER_PORT,
+                  redis=f"{render['kv'].host}:6379", host_header=render["host"], https_proxy=True)
+    timings["render contract"] = time.monotonic() - start
