@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: run test test-fast lock verify bench clean
+.PHONY: run test test-fast lock verify verify-k8s bench clean
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lock: $(STAMP)
 ## Black-box check of any deployment: make verify URL=https://chat.example.com
 verify: $(STAMP)
 	$(BIN)/python -m tests.contract.verify $(URL)
+
+## The contract against a real cluster: make verify-k8s URL=https://chat.example.com
+verify-k8s: $(STAMP)
+	tests/k8s/verify_cluster.sh $(URL)
 
 clean:
 	rm -rf $(VENV) staticfiles db.sqlite3 .pytest_cache

@@ -1,0 +1,448 @@
+"""deploy/k8s rendered by a real kubectl, validated against the official
+schemas of several Kubernetes versions, and policy-checked.
+
+No cluster is needed. What a cluster would add (admission, scheduling, the
+CNI enforcing NetworkPolicies) is covered by evaluating the objects here and by
+running their pod specs in Docker (test_pods.py).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.k8s import kube
+from tests.k8s.netpol import Peer, allowed, pod_peer
+
+# The newest three minors kubernetes-validate knows, and the older ones still
+# common in managed clusters (the preStop `sleep` action needs >= 1.30).
+VERSIONS = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0"]
+EXPECTED_KINDS = {
+    ("Namespace", "chat"), ("ServiceAccount", "chat"), ("Deployment", "chat-web"), ("Service", "chat-web"),
+    ("Ingress", "chat-web"), ("HorizontalPodAutoscaler", "chat-web"), ("PodDisruptionBudget", "chat-web"),
+    ("Job", "chat-migrate"), ("Deployment", "chat-redis"), ("Service", "chat-redis"),
+    ("NetworkPolicy", "default-deny"), ("NetworkPolicy", "allow-dns-egress"), ("NetworkPolicy", "chat-web"),
+    ("NetworkPolicy", "chat-migrate"), ("NetworkPolicy", "chat-redis"),
+}
+SECRET_NAME = "chat-secrets"
+VAR_REF = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def containers(template: dict, init: bool = True) -> list[dict]:
+    spec = template["spec"]
+    return [*(spec.get("initContainers") or [] if init else []), *spec["containers"]]
+
+
+def all_templates(objects):
+    return [(w, kube.pod_template(w)) for w in kube.workloads(objects)]
+
+
+# --- rendering -------------------------------------------------------------------
+
+def test_kubectl_is_the_pinned_release(kubectl):
+    out = subprocess.run([kubectl, "version", "--client", "-o", "yaml"], capture_output=True, text=True, check=True).stdout
+    info = yaml.safe_load(out)
+    assert info["clientVersion"]["minor"] == "35", info
+    assert info["kustomizeVersion"].startswith("v5."), info
+
+
+def test_render_has_every_object_in_the_namespace(rendered):
+    names = {(o["kind"], o["metadata"]["name"]) for o in rendered if o["kind"] != "ConfigMap"}
+    assert names == EXPECTED_KINDS
+    for obj in rendered:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == "chat", obj["metadata"]
+        assert obj["metadata"]["labels"].get("app.kubernetes.io/part-of") == "chat", obj["metadata"]
+
+
+def test_no_secret_is_rendered_or_committed(rendered):
+    assert not kube.all_of(rendered, "Secret"), "a Secret is part of the kustomization"
+    kustomization = yaml.safe_load((kube.K8S / "kustomization.yaml").read_text())
+    assert "secret.example.yaml" not in kustomization["resources"]
+    assert "secretGenerator" not in kustomization
+    example = yaml.safe_load((kube.K8S / "secret.example.yaml").read_text())
+    for key, value in example["stringData"].items():
+        assert value.startswith("<") and value.endswith(">"), f"{key} in secret.example.yaml holds a value, not a placeholder"
+
+
+def test_one_object_per_file_and_every_file_listed():
+    kustomization = yaml.safe_load((kube.K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    files = {p.name for p in kube.K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert files == listed, f"unlisted: {files - listed}, missing: {listed - files}"
+    for path in [*kube.K8S.glob("*.yaml"), *(kube.K8S / "postgres-demo").glob("*.yaml")]:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        assert len(docs) == 1, f"{path} holds {len(docs)} objects"
+
+
+# --- schemas ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_object_validates_strictly(rendered, rendered_demo, version):
+    errors = []
+    for obj in [*rendered, *rendered_demo]:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.utils.ValidationError as exc:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_the_validator_rejects_a_broken_object(rendered):
+    """The schema check can fail: an unknown field and a wrong type are caught."""
+    import copy
+
+    web = copy.deepcopy(kube.find(rendered, "Deployment", "chat-web"))
+    web["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["hostHeader"] = "x"
+    with pytest.raises(kubernetes_validate.utils.ValidationError):
+        kubernetes_validate.validate(web, VERSIONS[-1], strict=True)
+    web = copy.deepcopy(kube.find(rendered, "Deployment", "chat-web"))
+    web["spec"]["minReadySeconds"] = "five"
+    with pytest.raises(kubernetes_validate.utils.ValidationError):
+        kubernetes_validate.validate(web, VERSIONS[0], strict=True)
+
+
+# --- every container: hardened, limited, probed ------------------------------------------
+
+def test_every_container_is_hardened_and_limited(rendered, rendered_demo):
+    problems = []
+    for workload, template in all_templates([*rendered, *rendered_demo]):
+        pod_sc = template["spec"].get("securityContext", {})
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        if template["spec"].get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: service account token mounted")
+        for c in containers(template):
+            sc = c.get("securityContext", {})
+            merged = {**pod_sc, **sc}
+            name = f"{where}/{c['name']}"
+            if merged.get("runAsNonRoot") is not True:
+                problems.append(f"{name}: runAsNonRoot is not true")
+            if not isinstance(merged.get("runAsUser"), int) or merged["runAsUser"] == 0:
+                problems.append(f"{name}: no numeric non-zero runAsUser")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{name}: root file system is writable")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{name}: privilege escalation allowed")
+            if sc.get("capabilities", {}).get("drop") != ["ALL"] or sc.get("capabilities", {}).get("add"):
+                problems.append(f"{name}: capabilities not dropped")
+            if merged.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+                problems.append(f"{name}: seccomp is not RuntimeDefault")
+            if sc.get("privileged"):
+                problems.append(f"{name}: privileged")
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for resource in ("cpu", "memory"):
+                    if resource not in res.get(kind, {}):
+                        problems.append(f"{name}: no {kind}.{resource}")
+            if "limits" in res and "requests" in res:
+                if kube.memory_bytes(res["requests"]["memory"]) > kube.memory_bytes(res["limits"]["memory"]):
+                    problems.append(f"{name}: memory request above limit")
+                if kube.cpu_cores(res["requests"]["cpu"]) > kube.cpu_cores(res["limits"]["cpu"]):
+                    problems.append(f"{name}: cpu request above limit")
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+            if "/tmp" not in mounts or "emptyDir" not in volumes.get(mounts["/tmp"], {}):
+                problems.append(f"{name}: /tmp is not an emptyDir")
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in volumes and not any(
+                        t["metadata"]["name"] == m["name"] for t in workload["spec"].get("volumeClaimTemplates", [])):
+                    problems.append(f"{name}: mounts unknown volume {m['name']}")
+            if ":" not in c["image"].rsplit("/", 1)[-1] and "@" not in c["image"]:
+                problems.append(f"{name}: image {c['image']} has no tag")
+    assert not problems, "\n".join(problems)
+
+
+def test_long_running_containers_have_probes_on_real_ports(rendered, rendered_demo):
+    config = kube.config_data(rendered)
+    allowed_hosts = [h.strip() for h in config["ALLOWED_HOSTS"].split(",")]
+    problems = []
+    for workload, template in all_templates([*rendered, *rendered_demo]):
+        if workload["kind"] in ("Job", "CronJob"):
+            continue  # run to completion; the API forbids probes on init containers
+        for c in template["spec"]["containers"]:
+            name = f"{workload['metadata']['name']}/{c['name']}"
+            ports = {p["name"]: p["containerPort"] for p in c.get("ports", []) if "name" in p}
+            numbers = {p["containerPort"] for p in c.get("ports", [])}
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                probe = c.get(kind)
+                if not probe:
+                    problems.append(f"{name}: no {kind}")
+                    continue
+                action = probe.get("httpGet") or probe.get("tcpSocket")
+                if action:
+                    port = action["port"]
+                    if (isinstance(port, str) and port not in ports) or (isinstance(port, int) and port not in numbers):
+                        problems.append(f"{name}: {kind} port {port} is not a container port")
+                if "httpGet" in probe:
+                    headers = {h["name"].lower(): h["value"] for h in probe["httpGet"].get("httpHeaders", [])}
+                    if headers.get("host") not in allowed_hosts:
+                        problems.append(f"{name}: {kind} sends Host {headers.get('host')!r}, not in ALLOWED_HOSTS")
+    assert not problems, "\n".join(problems)
+
+
+def test_web_probes_are_the_right_endpoints(rendered):
+    web = kube.find(rendered, "Deployment", "chat-web")["spec"]["template"]["spec"]["containers"][0]
+    assert web["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert web["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert web["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # /readyz runs two checks of up to 2 s each.
+    assert web["readinessProbe"]["timeoutSeconds"] >= 4
+
+
+# --- the web Deployment -----------------------------------------------------------------
+
+def test_web_runs_the_bare_gunicorn_on_port(rendered):
+    deploy = kube.find(rendered, "Deployment", "chat-web")
+    web = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert web["command"] == ["gunicorn"] and "args" not in web
+    config = kube.config_data(rendered)
+    assert config["DEBUG"] == "False"
+    assert [p["containerPort"] for p in web["ports"]] == [int(config["PORT"])]
+    job = kube.find(rendered, "Job", "chat-migrate")
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["python", "manage.py", "migrate", "--noinput"]
+    for _, template in all_templates(rendered):
+        for c in containers(template):
+            text = " ".join([*c.get("command", []), *c.get("args", [])])
+            assert not re.search(r"gunicorn\s+-", text), f"{c['name']} spells gunicorn flags: {text}"
+
+
+def test_rollout_shape(rendered):
+    deploy = kube.find(rendered, "Deployment", "chat-web")
+    spec = deploy["spec"]
+    assert "replicas" not in spec, "replicas belongs to the HPA"
+    assert spec["strategy"]["type"] == "RollingUpdate" and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = spec["template"]["spec"]
+    config = kube.config_data(rendered)
+    graceful = int(config.get("GUNICORN_GRACEFUL_TIMEOUT", 30))
+    web = pod["containers"][0]
+    pre_stop = web["lifecycle"]["preStop"]
+    sleep = pre_stop["sleep"]["seconds"] if "sleep" in pre_stop else None
+    assert sleep and sleep >= 5, pre_stop
+    assert pod["terminationGracePeriodSeconds"] > sleep + graceful, (pod["terminationGracePeriodSeconds"], sleep, graceful)
+    labels = spec["template"]["metadata"]["labels"]
+    hostname = [t for t in pod["topologySpreadConstraints"] if t["topologyKey"] == "kubernetes.io/hostname"]
+    assert hostname and kube.selector_matches(hostname[0]["labelSelector"], labels)
+    assert kube.selector_matches(spec["selector"], labels)
+
+
+def test_hpa_and_pdb_govern_the_web_pods(rendered):
+    deploy = kube.find(rendered, "Deployment", "chat-web")
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    hpa = kube.find(rendered, "HorizontalPodAutoscaler", "chat-web")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"], target["apiVersion"]) == ("Deployment", "chat-web", "apps/v1")
+    assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["minReplicas"] >= 2
+    pdb = kube.find(rendered, "PodDisruptionBudget", "chat-web")
+    assert kube.selector_matches(pdb["spec"]["selector"], labels)
+    others = [kube.pod_template(w)["metadata"]["labels"] for w in kube.workloads(rendered) if w is not deploy]
+    assert not any(kube.selector_matches(pdb["spec"]["selector"], other) for other in others)
+    # A PDB that allows no disruption with minReplicas pods would block node drains.
+    assert pdb["spec"].get("maxUnavailable", 0) >= 1 or pdb["spec"].get("minAvailable", 0) < hpa["spec"]["minReplicas"]
+
+
+def test_config_change_renames_the_configmap_and_rolls_the_pods(rendered, tmp_path, kubectl):
+    copy = kube.copy_of_base(tmp_path / "k8s")
+    env = (copy / "config.env").read_text()
+    assert "\nLOG_LEVEL=info\n" in env
+    (copy / "config.env").write_text(env.replace("\nLOG_LEVEL=info\n", "\nLOG_LEVEL=debug\n"))
+    changed = kube.render(copy)
+    old = kube.find(rendered, "Deployment", "chat-web")["spec"]["template"]
+    new = kube.find(changed, "Deployment", "chat-web")["spec"]["template"]
+    old_cm = old["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+    new_cm = new["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+    assert old_cm != new_cm and old_cm.startswith("chat-config-") and new_cm.startswith("chat-config-")
+    assert old != new, "a config change must change the pod template (and so roll the pods)"
+
+
+# --- references: ConfigMap/Secret keys, ports, Services --------------------------------------
+
+def documented_secret_keys() -> set[str]:
+    example = yaml.safe_load((kube.K8S / "secret.example.yaml").read_text())
+    keys = set(example["stringData"])
+    text = (kube.K8S / "secret.example.yaml").read_text()
+    create = re.findall(r"--from-literal=([A-Z_]+)=", text)
+    assert set(create) == keys, f"the kubectl create secret line ({create}) and the example ({keys}) disagree"
+    readme = kube.K8S / "README.md"
+    if readme.exists():
+        documented = set(re.findall(r"--from-literal=([A-Z_]+)=", readme.read_text()))
+        assert keys <= documented <= keys | demo_secret_keys(), f"README.md's create lines ({documented}) and the example ({keys}) disagree"
+    return keys
+
+
+def demo_secret_keys() -> set[str]:
+    """Extra keys the demo PostgreSQL needs, as its kustomization.yaml documents them."""
+    text = (kube.K8S / "postgres-demo" / "kustomization.yaml").read_text()
+    return set(re.findall(r"\b(POSTGRES_[A-Z_]+)\b", text))
+
+
+def kubelet_env(container: dict, configmaps: dict, secret_keys: set) -> tuple[dict, list[str]]:
+    """The names a container's environment will hold, plus reference errors."""
+    env, errors = {}, []
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            name = source["configMapRef"]["name"]
+            if name not in configmaps:
+                errors.append(f"{container['name']}: envFrom ConfigMap {name} does not exist")
+            env.update({k: v for k, v in configmaps.get(name, {}).items()})
+        if "secretRef" in source:
+            errors.append(f"{container['name']}: envFrom a whole Secret (keys cannot be checked)")
+    for var in container.get("env", []):
+        ref = var.get("valueFrom", {})
+        if "configMapKeyRef" in ref:
+            r = ref["configMapKeyRef"]
+            if r["key"] not in configmaps.get(r["name"], {}):
+                errors.append(f"{container['name']}: ConfigMap {r['name']} has no key {r['key']}")
+        if "secretKeyRef" in ref:
+            r = ref["secretKeyRef"]
+            if r["name"] != SECRET_NAME or r["key"] not in secret_keys:
+                errors.append(f"{container['name']}: Secret {r['name']} key {r['key']} is not documented")
+        for name in VAR_REF.findall(var.get("value", "")):
+            if name not in env:
+                errors.append(f"{container['name']}: $({name}) in {var['name']} is not defined before it")
+        env[var["name"]] = var.get("value", "<ref>")
+    for arg in [*container.get("command", []), *container.get("args", [])]:
+        for name in VAR_REF.findall(arg):
+            if name not in env:
+                errors.append(f"{container['name']}: $({name}) in its command/args is not defined")
+    return env, errors
+
+
+def test_every_referenced_key_exists(rendered, rendered_demo):
+    secret_keys = documented_secret_keys()
+    demo_keys = demo_secret_keys()
+    configmaps = {o["metadata"]["name"]: o.get("data", {}) for o in rendered if o["kind"] == "ConfigMap"}
+    errors = []
+    for objects, keys in ((rendered, secret_keys), (rendered_demo, secret_keys | demo_keys)):
+        used = set()
+        for _, template in all_templates(objects):
+            for c in containers(template):
+                _, errs = kubelet_env(c, configmaps, keys)
+                errors += errs
+                used |= {v["valueFrom"]["secretKeyRef"]["key"] for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
+        if objects is rendered:
+            assert used == secret_keys, f"documented but unused: {secret_keys - used}; used but undocumented: {used - secret_keys}"
+        else:
+            assert used == demo_keys, f"the demo uses {used}, documents {demo_keys}"
+    assert not errors, "\n".join(errors)
+
+
+def test_configmap_holds_no_secret(rendered):
+    for key in kube.config_data(rendered):
+        assert not re.search(r"SECRET|PASSWORD|TOKEN|DATABASE_URL|REDIS_URL", key), key
+
+
+def test_services_select_exactly_their_pods_on_real_ports(rendered, rendered_demo):
+    objects = [*rendered, *rendered_demo]
+    pods = {w["metadata"]["name"]: kube.pod_template(w) for w in kube.workloads(objects) if w["kind"] != "Job"}
+    pods["chat-migrate"] = kube.pod_template(kube.find(rendered, "Job", "chat-migrate"))
+    for service in kube.all_of(objects, "Service"):
+        selected = [n for n, t in pods.items() if kube.service_selects(service, t["metadata"]["labels"])]
+        assert selected == [service["metadata"]["name"]], f"Service {service['metadata']['name']} selects {selected}"
+        template = pods[selected[0]]
+        named = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", []) if "name" in p}
+        numbers = {p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            assert target in (named if isinstance(target, str) else numbers), f"{service['metadata']['name']}: targetPort {target}"
+
+
+def test_redis_url_points_at_the_redis_service(rendered):
+    web = kube.find(rendered, "Deployment", "chat-web")["spec"]["template"]["spec"]["containers"][0]
+    url = next(v["value"] for v in web["env"] if v["name"] == "REDIS_URL")
+    match = re.fullmatch(r"redis://:\$\(REDIS_PASSWORD\)@([a-z0-9-]+):(\d+)/\d+", url)
+    assert match, url
+    service = kube.find(rendered, "Service", match.group(1))
+    assert int(match.group(2)) in [p["port"] for p in service["spec"]["ports"]]
+    redis = kube.find(rendered, "Deployment", "chat-redis")
+    assert kube.service_selects(service, redis["spec"]["template"]["metadata"]["labels"])
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+
+
+def test_ingress_routes_the_public_host_to_the_web_service_with_long_timeouts(rendered):
+    ingress = kube.find(rendered, "Ingress", "chat-web")
+    hosts = [h.strip() for h in kube.config_data(rendered)["ALLOWED_HOSTS"].split(",")]
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == hosts[0], "the first ALLOWED_HOSTS entry is the public host (Site domain)"
+    assert rule["host"] in ingress["spec"]["tls"][0]["hosts"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    service = kube.find(rendered, "Service", backend["name"])
+    assert backend["port"].get("name") in [p.get("name") for p in service["spec"]["ports"]]
+    notes = ingress["metadata"]["annotations"]
+    for key in ("nginx.ingress.kubernetes.io/proxy-read-timeout", "nginx.ingress.kubernetes.io/proxy-send-timeout"):
+        assert int(notes[key]) >= 3600, key
+
+
+def test_migration_job_survives_a_second_release(rendered):
+    job = kube.find(rendered, "Job", "chat-migrate")
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    script = (kube.K8S / "release.sh").read_text()
+    commands = [line.strip() for line in script.splitlines() if "$kubectl " in line and not line.strip().startswith("#")]
+    delete = next(i for i, c in enumerate(commands) if "delete job chat-migrate" in c)
+    apply = next(i for i, c in enumerate(commands) if " apply -k" in c)
+    wait_job = next(i for i, c in enumerate(commands) if "job/chat-migrate" in c and "wait" in c)
+    rollout = next(i for i, c in enumerate(commands) if "rollout status deployment/chat-web" in c)
+    assert delete < apply < wait_job < rollout, commands
+    # The web pods themselves wait for the migrations (init container).
+    init = kube.find(rendered, "Deployment", "chat-web")["spec"]["template"]["spec"]["initContainers"]
+    assert any("migrate --check" in " ".join(c["command"]) for c in init)
+    r = subprocess.run(["bash", "-n", str(kube.K8S / "release.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_namespace_enforces_restricted_pod_security(rendered):
+    labels = kube.find(rendered, "Namespace", "chat")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+# --- NetworkPolicies, evaluated ----------------------------------------------------------------
+
+def test_network_policies_admit_only_the_intended_flows(rendered, rendered_demo):
+    ns_labels = {"kubernetes.io/metadata.name": "chat"}
+    pols = kube.all_of(rendered, "NetworkPolicy")
+    web = pod_peer("web", kube.pod_template(kube.find(rendered, "Deployment", "chat-web")), "chat", ns_labels)
+    redis = pod_peer("redis", kube.pod_template(kube.find(rendered, "Deployment", "chat-redis")), "chat", ns_labels)
+    migrate = pod_peer("migrate", kube.pod_template(kube.find(rendered, "Job", "chat-migrate")), "chat", ns_labels)
+    controller = Peer("ingress-nginx", "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"},
+                      {"kubernetes.io/metadata.name": "ingress-nginx"})
+    stranger = Peer("stranger", "default", {"app": "x"}, {"kubernetes.io/metadata.name": "default"})
+    intruder = Peer("intruder", "chat", {"app": "x"}, ns_labels)
+    dns = Peer("coredns", "kube-system", {"k8s-app": "kube-dns"}, {"kubernetes.io/metadata.name": "kube-system"})
+    database = Peer("managed-postgres", None, ip="10.20.30.40")
+    internet = Peer("internet", None, ip="93.184.216.34")
+
+    expect = [
+        (controller, web, 8000, True), (stranger, web, 8000, False), (intruder, web, 8000, False),
+        (controller, web, 9000, False), (controller, redis, 6379, False),
+        (web, redis, 6379, True), (migrate, redis, 6379, False), (intruder, redis, 6379, False),
+        (stranger, redis, 6379, False), (redis, web, 8000, False), (web, redis, 6380, False),
+        (web, database, 5432, True), (migrate, database, 5432, True), (redis, database, 5432, False),
+        (web, internet, 443, False), (migrate, internet, 443, False), (redis, internet, 443, False),
+        (intruder, database, 5432, False), (stranger, migrate, 8000, False),
+    ]
+    for src in (web, redis, migrate, intruder):
+        expect += [(src, dns, 53, True)]
+    wrong = [f"{s.name} -> {d.name}:{p} expected {'allowed' if ok else 'denied'}"
+             for s, d, p, ok in expect if allowed(pols, s, d, p) != ok]
+    assert not wrong, "\n".join(wrong)
+    assert allowed(pols, web, dns, 53, "UDP")
+
+    # With the demo PostgreSQL: web and migrate reach it, nothing else does.
+    demo_pols = pols + kube.all_of(rendered_demo, "NetworkPolicy")
+    pg = pod_peer("postgres", kube.pod_template(kube.find(rendered_demo, "StatefulSet", "chat-postgres")), "chat", ns_labels)
+    assert allowed(demo_pols, web, pg, 5432) and allowed(demo_pols, migrate, pg, 5432)
+    assert not allowed(demo_pols, redis, pg, 5432) and not allowed(demo_pols, intruder, pg, 5432)
+    assert not allowed(demo_pols, pg, internet, 443)
+
+
+def test_verify_cluster_script_is_valid_bash():
+    script = Path(__file__).with_name("verify_cluster.sh")
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "kubectl://" in script.read_text()
