@@ -1,5 +1,5 @@
 # The two commands a newcomer needs:   make run   and   make test
-# PYTHON picks the interpreter for .venv (CI uses Debian's /usr/bin/python3).
+# PYTHON picks the interpreter for .venv.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -22,14 +22,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-## Only what needs no Docker: unit, integration and browser tests.
+## Only what needs no Docker: unit, integration, browser and fault tests.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests/unit tests/integration tests/browser
+	$(BIN)/python -m pytest tests/unit tests/integration tests/browser tests/faults
 
 ## Re-resolve both locks (with hashes) from requirements.in / requirements-dev.in.
 lock: $(STAMP)
-	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements.txt requirements.in
-	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements-dev.txt requirements-dev.in
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links -o requirements-dev.txt requirements-dev.in
+
+## Benchmark of the production stack (about 5-8 minutes; run it on a quiet machine).
+bench: $(STAMP)
+	$(BIN)/python -m bench --reference
 
 ## Black-box check of any deployment: make verify URL=https://chat.example.com
 verify: $(STAMP)

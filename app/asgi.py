@@ -11,10 +11,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from app.channels_urls import router_patterns  # noqa: E402
+from app.chat.guard import WebsocketGuard  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(router_patterns))),
+        # WebsocketGuard: bad Host refused; database/Redis down at the handshake
+        # answered with an error frame and 1013 instead of a 500 (app/chat/guard.py).
+        "websocket": WebsocketGuard(AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(router_patterns)))),
     }
 )

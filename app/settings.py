@@ -115,6 +115,12 @@ if REDIS_URL:
     if REDIS_URL.startswith("rediss://") and env.get_bool("REDIS_TLS_INSECURE", False):
         # Heroku's Key-Value Store presents a self-signed certificate.
         _redis_host["ssl_cert_reqs"] = "none"
+    if env.get_bool("CHAT_RESYNC_ON_REDIS_RECONNECT", True):
+        # After a Redis restart each worker sends its sockets what they missed
+        # from the database (app/chat/resync.py); redis-py calls this on every connect.
+        from app.chat.resync import on_redis_connect
+
+        _redis_host["redis_connect_func"] = on_redis_connect
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": {
@@ -124,6 +130,14 @@ if REDIS_URL:
             "CONFIG": {"hosts": [_redis_host]},
         }
     }
+    if CHANNEL_LAYER == "core":
+        # The core layer keeps each worker's pending messages in Redis and drops
+        # new ones past `capacity` (default 100), and takes a pooled connection
+        # per command: redis-py refuses the 101st concurrent one ("Too many
+        # connections", the consumer dies). Both failed under load in the
+        # benchmark (bench/README-section.md).
+        CHANNEL_LAYERS["default"]["CONFIG"]["capacity"] = env.get_int("CHANNEL_LAYER_CAPACITY", 1000, minimum=1)
+        _redis_host["max_connections"] = env.get_int("CHANNEL_LAYER_MAX_CONNECTIONS", 1000, minimum=1)
 else:
     # Only reachable with DEBUG on: one process, so one "room" for everybody.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -174,6 +188,11 @@ CHAT_MAX_MESSAGE_LENGTH = env.get_int("CHAT_MAX_MESSAGE_LENGTH", 2000, minimum=1
 CHAT_HISTORY = env.get_int("CHAT_HISTORY", 50, minimum=1)
 CHAT_RATE_PER_SECOND = env.get_float("CHAT_RATE_PER_SECOND", 5.0, minimum=0.1)
 CHAT_RATE_BURST = env.get_int("CHAT_RATE_BURST", 10, minimum=1)
+# At most this many stored messages per room are sent to a socket after a Redis reconnect.
+CHAT_RESYNC_LIMIT = env.get_int("CHAT_RESYNC_LIMIT", 1000, minimum=1)
+# Seconds between resync passes in each worker (0: only after a Redis reconnect);
+# bounds how late a message stored by a worker killed before publishing it arrives.
+CHAT_RESYNC_INTERVAL = env.get_float("CHAT_RESYNC_INTERVAL", 30.0, minimum=0.0)
 
 LOGGING = {
     "version": 1,

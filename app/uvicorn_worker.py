@@ -15,4 +15,9 @@ class ChatUvicornWorker(UvicornWorker):
         # A chat frame is small; a huge one is refused by the protocol (1009)
         # before it costs memory.
         "ws_max_size": 64 * 1024,
+        # No permessage-deflate: every socket would keep its own compressor
+        # (~34 KiB) and compress each fanned-out copy separately (~20 us of
+        # CPU per delivered frame); chat frames are a few hundred bytes.
+        # bench/README-section.md has the numbers.
+        "ws_per_message_deflate": False,
     }

@@ -13,11 +13,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from tests.harness import prod_venv
 
 REPO = Path(__file__).resolve().parents[2]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -87,7 +88,9 @@ class PostgresServer:
         self.dir = Path(tempfile.mkdtemp(prefix="chat-pg-"))
         self.password = secrets.token_urlsafe(16)
         self.proc = None
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        # Started as `postgres` directly (not through runuser) so that stop()'s
+        # signal reaches the postmaster itself.
+        self.as_user = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
 
     @property
     def url(self) -> str:
@@ -104,14 +107,14 @@ class PostgresServer:
             if self.as_user:
                 os.chown(pwfile, pw.pw_uid, pw.pw_gid)
             subprocess.run(
-                [*self.as_user, str(PG_BIN / "initdb"), "-D", str(data), "-U", "chat", "--pwfile", str(pwfile),
+                [str(PG_BIN / "initdb"), "-D", str(data), "-U", "chat", "--pwfile", str(pwfile),
                  "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.dir, **self.as_user,
             )
         self.proc = subprocess.Popen(
-            [*self.as_user, str(PG_BIN / "postgres"), "-D", str(data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+            [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
              "-c", f"unix_socket_directories={self.dir}", "-c", "fsync=off", "-c", "max_connections=200"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir, **self.as_user,
         )
         wait_for_port(self.port, proc=self.proc, what="postgres")
         self._create_database()
@@ -158,25 +161,30 @@ def production_env(redis_url: str, database_url: str, port: int, **extra) -> dic
     return env
 
 
-def manage(env: dict, *args, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=REPO, env=env, capture_output=True, text=True, check=check)
+def manage(env: dict, *args, check=True, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A release/build step, run with the production lock's interpreter."""
+    python = str(prod_venv.ensure() / "python")
+    return subprocess.run([python, "manage.py", *args], cwd=cwd, env=env, capture_output=True, text=True, check=check,
+                          timeout=timeout)
 
 
 class Gunicorn:
-    """The runtime contract: a bare `gunicorn` in the repo root."""
+    """The runtime contract: a bare `gunicorn` in the repo root, from the
+production lock's venv (tests/harness/prod_venv.py)."""
 
-    def __init__(self, env: dict, log_path: Path | None = None):
+    def __init__(self, env: dict, log_path: Path | None = None, cwd: Path = REPO):
         self.env = env
+        self.cwd = cwd  # a checkout: the benchmark measures other worktrees too
         self.port = int(env["PORT"])
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
         self.proc = None
 
     def start(self, ready_timeout: float = 30.0) -> "Gunicorn":
-        gunicorn = Path(sys.executable).with_name("gunicorn")
+        gunicorn = prod_venv.ensure() / "gunicorn"
         self._log = open(self.log_path, "ab")
         # Never root, as on every target (the contract checks it).
         as_nobody = {"user": "nobody", "group": "nogroup"} if os.geteuid() == 0 else {}
-        self.proc = subprocess.Popen([str(gunicorn)], cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, **as_nobody)
+        self.proc = subprocess.Popen([str(gunicorn)], cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, **as_nobody)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -187,8 +195,9 @@ class Gunicorn:
                     if r.status == 200:
                         return self
             except OSError:
-                time.sleep(0.1)
-        raise TimeoutError(f"gunicorn not ready within {ready_timeout}s:\n{self.log()}")
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"gunicorn not ready within {ready_timeout}s:\n{self.log()[-5000:]}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

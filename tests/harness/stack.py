@@ -1,13 +1,11 @@
 """The production stack on this machine: Redis, PostgreSQL and the gunicorn
-contract with DEBUG=False, 2 workers, and daphne made unimportable."""
+contract with DEBUG=False and 2 workers, from a venv with the production lock
+only (no daphne there to import)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tests.harness.services import REPO, Gunicorn, PostgresServer, RedisServer, free_port, manage, production_env
-
-NO_DAPHNE = str(REPO / "tests" / "harness" / "no_daphne")
-
+from tests.harness.services import Gunicorn, PostgresServer, RedisServer, free_port, manage, production_env
 
 @dataclass
 class Stack:
@@ -30,9 +28,7 @@ class Stack:
 
 def app_env(redis: RedisServer, postgres: PostgresServer, port: int | None = None, **extra) -> dict:
     port = port or free_port()
-    env = production_env(redis.url, postgres.url, port, **extra)
-    env["PYTHONPATH"] = NO_DAPHNE
-    return env
+    return production_env(redis.url, postgres.url, port, **extra)
 
 
 def prepare_database(env: dict):

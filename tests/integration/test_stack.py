@@ -10,6 +10,7 @@ from contextlib import ExitStack
 import pytest
 
 from tests.harness import chat_client as cc
+from tests.harness import prod_venv
 from tests.harness.services import REPO, Gunicorn, RedisServer, free_port
 from tests.harness.sockets import server_pid
 from tests.harness.stack import app_env
@@ -84,8 +85,13 @@ def test_404_shows_no_debug_page(stack):
     assert status == 404 and b"URLconf" not in body and b"Traceback" not in body
 
 
-def test_production_process_never_imports_daphne(stack):
-    assert "daphne" in stack.env["PYTHONPATH"]  # the import blocker is on
+def test_production_runs_from_the_production_lock_without_daphne(stack):
+    python = prod_venv.ensure() / "python"
+    with open(f"/proc/{stack.gunicorn.proc.pid}/cmdline", "rb") as fh:
+        argv = fh.read().split(b"\0")
+    assert str(prod_venv.ensure() / "gunicorn").encode() in argv, argv  # the stack runs from the production venv
+    result = subprocess.run([str(python), "-c", "import daphne"], capture_output=True, text=True)
+    assert "No module named 'daphne'" in result.stderr
     assert "daphne" not in stack.gunicorn.log().lower()
 
 

@@ -1,7 +1,8 @@
 """Every target runs exactly `gunicorn`: the settings live in gunicorn.conf.py.
 
-Scans every file in the repository (tracked or new, not ignored) outside the
-tests for a gunicorn command line that carries flags or an app path of its own.
+Scans every manifest, unit, template and script in the repository (tracked or
+new, not ignored; Python modules are code, not manifests) outside the tests
+for a gunicorn command line that carries flags or an app path of its own.
 """
 import re
 import subprocess
@@ -20,7 +21,7 @@ SKIP = ("tests/", "requirements", "README.md", "gunicorn.conf.py")
 
 def repo_files():
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
-    return [p for p in out.stdout.splitlines() if not p.startswith(SKIP) and (REPO / p).is_file()]
+    return [p for p in out.stdout.splitlines() if not p.startswith(SKIP) and not p.endswith(".py") and (REPO / p).is_file()]
 
 
 def offending_lines(text):

@@ -1,0 +1,105 @@
+"""The outermost websocket middleware: bad Host refused, outages answered.
+
+* Django checks Host against ALLOWED_HOSTS for HTTP only; a websocket with a
+  Host that is not allowed is refused at the handshake (HTTP 403), like a
+  foreign Origin. So is a path that is not in canonical form ("//ws/...",
+  "/./", "/../"): Channels' router would otherwise strip the extra slash.
+* The session lookup (AuthMiddlewareStack) and the channel subscription
+  (`new_channel`) happen before the consumer runs; if the database or Redis
+  is down there, the client gets an error frame (`data-error="unavailable"`)
+  and close code 1013 (try again later: the page reconnects with ?after=),
+  and the log gets one line instead of an "Exception in ASGI application"
+  traceback and an HTTP 500 / close 1011.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from django.conf import settings
+from django.db import Error as DatabaseError
+from django.http.request import split_domain_port, validate_host
+
+from app.chat.rendering import error_frame
+
+log = logging.getLogger(__name__)
+
+UNAVAILABLE = "The chat is unavailable; reconnecting."
+
+
+def _outage_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [DatabaseError, OSError, asyncio.TimeoutError]
+    try:
+        from redis.exceptions import RedisError
+
+        errors.append(RedisError)
+    except ImportError:  # pragma: no cover - redis is in the production lock
+        pass
+    try:
+        from psycopg import Error as PsycopgError
+
+        errors.append(PsycopgError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+OUTAGE_ERRORS = _outage_errors()
+
+
+def _host(scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            return value.decode("latin-1")
+    return None
+
+
+class WebsocketGuard:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "websocket":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        host = _host(scope)
+        if host is not None:
+            domain, _port = split_domain_port(host)
+            if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+                await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+                return
+        state = {"accepted": False, "closed": False, "connect_read": False}
+
+        async def tracked_receive():
+            message = await receive()
+            if message.get("type") == "websocket.connect":
+                state["connect_read"] = True
+            return message
+
+        async def tracked_send(message):
+            kind = message.get("type")
+            if kind == "websocket.accept":
+                state["accepted"] = True
+            elif kind in ("websocket.close", "websocket.http.response.start"):
+                state["closed"] = True
+            await send(message)
+
+        try:
+            return await self.app(scope, tracked_receive, tracked_send)
+        except OUTAGE_ERRORS as exc:
+            if state["closed"]:
+                raise
+            log.warning("websocket %s: backend unavailable (%s: %s)", scope.get("path"), type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "")
+            try:
+                if not state["accepted"]:
+                    if not state["connect_read"]:
+                        await receive()
+                    await send({"type": "websocket.accept"})
+                await send({"type": "websocket.send", "text": error_frame("unavailable", UNAVAILABLE)})
+                await send({"type": "websocket.close", "code": 1013})
+            except Exception:  # the client went away meanwhile
+                pass

@@ -1,0 +1,1 @@
+"""Chat fan-out benchmark: python -m bench --quick | --reference."""

@@ -1,0 +1,60 @@
+"""Fixtures for the VM deployment tests (tests/vm): three systemd+sshd hosts."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm.lab import Lab, snapshot_source
+
+TIMINGS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_line("tests/vm timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items()))
+
+
+@pytest.fixture(scope="session")
+def vm_workdir():
+    path = Path(tempfile.mkdtemp(prefix="chat-vm-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab(vm_workdir):
+    for tool in ("docker", "ssh", "ssh-keygen", "git"):
+        assert shutil.which(tool), f"{tool} is required for tests/vm (apt-get install docker.io openssh-client git)"
+    lab = Lab(vm_workdir)
+    start = time.monotonic()
+    try:
+        lab.start()
+        TIMINGS["hosts up"] = time.monotonic() - start
+        yield lab
+    finally:
+        lab.stop()
+
+
+@pytest.fixture(scope="session")
+def source(vm_workdir):
+    """The release the tests deploy: a frozen copy of the working tree."""
+    return snapshot_source(vm_workdir / "src")
+
+
+def host_logs(lab: Lab) -> str:
+    """What to show when a deploy or check fails."""
+    parts = []
+    for name in ("web1", "web2"):
+        out = lab.hosts[name].sh("journalctl -u chat --no-pager -n 40 2>&1; systemctl status chat nginx --no-pager 2>&1 | head -30",
+                                 check=False)
+        parts.append(f"--- {name} ---\n{out.stdout}{out.stderr}")
+    return "\n".join(parts)
+
+
+def ssh(lab: Lab, host: str, command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(lab.ssh_command(lab.hosts[host], command), capture_output=True, text=True, timeout=60)
