@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: run test test-fast lock verify verify-k8s bench clean
+.PHONY: run test test-fast lock audit verify verify-k8s bench clean
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lock: $(STAMP)
 ## Benchmark of the production stack (about 5-8 minutes; run it on a quiet machine).
 bench: $(STAMP)
 	$(BIN)/python -m bench --reference
+
+## Known vulnerabilities in the production lock (needs PyPI's JSON API or OSV).
+audit: $(STAMP)
+	$(BIN)/pip-audit --strict --require-hashes -r requirements.txt
 
 ## Black-box check of any deployment: make verify URL=https://chat.example.com
 verify: $(STAMP)

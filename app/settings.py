@@ -135,7 +135,7 @@ if REDIS_URL:
         # new ones past `capacity` (default 100), and takes a pooled connection
         # per command: redis-py refuses the 101st concurrent one ("Too many
         # connections", the consumer dies). Both failed under load in the
-        # benchmark (bench/README-section.md).
+        # benchmark (README "Performance").
         CHANNEL_LAYERS["default"]["CONFIG"]["capacity"] = env.get_int("CHANNEL_LAYER_CAPACITY", 1000, minimum=1)
         _redis_host["max_connections"] = env.get_int("CHANNEL_LAYER_MAX_CONNECTIONS", 1000, minimum=1)
 else:

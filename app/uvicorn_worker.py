@@ -18,6 +18,6 @@ class ChatUvicornWorker(UvicornWorker):
         # No permessage-deflate: every socket would keep its own compressor
         # (~34 KiB) and compress each fanned-out copy separately (~20 us of
         # CPU per delivered frame); chat frames are a few hundred bytes.
-        # bench/README-section.md has the numbers.
+        # README "Performance" has the numbers.
         "ws_per_message_deflate": False,
     }

@@ -245,3 +245,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def single_host_lab(workdir: Path) -> Lab:
+    """One small VM: a single Debian 12 systemd+sshd host in all three groups
+    (web, db, redis), from the same cached image as the three-host lab."""
+    lab = Lab(workdir)
+    lab.prefix = f"cvm1-{secrets.token_hex(3)}"
+    lab.network = f"{lab.prefix}-net"
+    lab.hosts = {"vm": Host("vm", f"{lab.prefix}-vm", ["web", "db", "redis"], "bookworm")}
+    return lab
