@@ -228,6 +228,21 @@ class Lab:
             time.sleep(0.3)
         raise TimeoutError(f"{name}: {path} not 200 within {timeout}s (last: {last!r}):\n{self.logs(name)[-6000:]}")
 
+    def wait_until_healthy(self, name: str, probe, healthy, timeout: float = 60.0) -> Http:
+        """Call probe() until healthy(status), as a platform's health checker
+        would; the failure names the last answer and the container's log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = probe()
+                if healthy(r.status):
+                    return r
+                last = f"{r.status} {r.headers.get('location', '')} {r.body[:200]!r}"
+            except (OSError, http.client.HTTPException) as exc:
+                last = repr(exc)
+            assert time.monotonic() < deadline, f"{name}: not healthy within {timeout:.0f}s: {last}\n{self.logs(name)[-3000:]}"
+            time.sleep(0.5)
+
     # -- managed services ----------------------------------------------------
     def postgres(self, role: str, image: str, aliases: list[str] = (), databases: list[str] = ("chat",),
                  user: str = "chat") -> "Service":

@@ -71,17 +71,8 @@ def test_declared_checks_pass_on_both_machines(fly, lab):
     for check in checks:
         grace = m.duration(check.get("grace_period", "0s"))
         for machine in fly["machines"]:
-            deadline = time.monotonic() + max(grace, 30)
-            while True:
-                try:
-                    r = fly_check(lab, machine, fly["port"], check)
-                    if 200 <= r.status < 300:
-                        break
-                    last = f"{r.status} {r.headers.get('location', '')} {r.body[:200]!r}"
-                except OSError as exc:
-                    last = repr(exc)
-                assert time.monotonic() < deadline, f"{machine}: check {check['path']} failing: {last}\n{lab.logs(machine)[-3000:]}"
-                time.sleep(0.5)
+            lab.wait_until_healthy(machine, lambda: fly_check(lab, machine, fly["port"], check),
+                                   lambda status: 200 <= status < 300, timeout=max(grace, 30))
 
 
 def test_a_check_without_the_declared_headers_would_fail(fly, lab):
