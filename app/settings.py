@@ -101,7 +101,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env.get
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": env.get_int("DATABASE_POOL_MAX_SIZE", 4, minimum=1),
-        "timeout": 5,
+        # How long a request waits for a pooled connection before it fails
+        # (503 page, websocket error frame): the wait while PostgreSQL is down.
+        "timeout": env.get_float("DATABASE_POOL_TIMEOUT", 5.0, minimum=0.1),
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

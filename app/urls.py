@@ -10,3 +10,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("app.chat.urls")),
 ]
+
+handler500 = "app.errors.server_error"

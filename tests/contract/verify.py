@@ -33,6 +33,8 @@ import httpx
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
+from tests.contract.tls import LockedTLSSocket
+
 TIMEOUT = 15.0
 
 
@@ -76,7 +78,9 @@ class Endpoint:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, verify=not self.insecure, timeout=TIMEOUT, follow_redirects=False)
 
+    @cached_property
     def ssl_context(self):
+        # Built once: loading the system CA store costs ~30 ms per connect.
         if self.split.scheme != "https":
             return None
         ctx = ssl.create_default_context()
@@ -93,12 +97,19 @@ class Endpoint:
             extra["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
         if self.https_proxy:
             extra["X-Forwarded-Proto"] = "https"
-        ctx = self.ssl_context()
+        ctx = self.ssl_context
+        if ctx:
+            # TLS on our side (tests/contract/tls.py: websockets' own TLS can hang
+            # a connect under TLS 1.3), so the URI says ws:// to websockets.
+            try:
+                sock = LockedTLSSocket(sock, ctx, server_hostname=self.host.split(":")[0])
+            except BaseException:
+                sock.close()
+                raise
+            sock.settimeout(None)
         return ws_connect(
-            f"{'wss' if ctx else 'ws'}://{self.host}{path}",
+            f"ws://{self.host}{path}",
             sock=sock,
-            ssl=ctx,
-            server_hostname=self.host.split(":")[0] if ctx else None,
             origin=origin if origin is not None else self.origin,
             additional_headers=extra,
             open_timeout=TIMEOUT,

@@ -80,6 +80,12 @@ def test_postgres_down_gives_503_clear_errors_and_recovers(own_stack):
         pg.stop()
         status, body = readyz(gunicorn.port)
         readyz_s = time.monotonic() - t_down
+        # A page (the session lives in the database): 503 + Retry-After, not a 500.
+        started = time.monotonic()
+        with ep.client() as client:
+            client.cookies.update(user.cookies)
+            page = client.get("/", headers=ep.headers())
+        page_s = time.monotonic() - started
         # Existing sockets: each message answered with a clear error, socket stays open.
         texts = [f"down {run} {n}" for n in range(len(sockets))]
         error_codes, error_s = [], []
@@ -134,16 +140,20 @@ def test_postgres_down_gives_503_clear_errors_and_recovers(own_stack):
     results.record(
         "postgres_down",
         scenario="PostgreSQL stopped, then started",
-        checked="/readyz 503; a message on an open socket gets data-error=not_saved and the socket stays open; "
+        checked="/readyz 503; a page 503 with Retry-After; a message on an open socket gets data-error=not_saved and the socket stays open; "
                 "a new socket gets data-error=unavailable + close 1013; nothing stored from the outage; recovery",
-        figure=f"/readyz 503 in {readyz_s:.2f} s; error frame after {max(error_s):.2f} s (max); new socket refused "
+        figure=f"/readyz 503 in {readyz_s:.2f} s; page 503 in {page_s:.2f} s; error frame after {max(error_s):.2f} s (max); new socket refused "
                f"with 1013 in {new_socket_s:.2f} s; /readyz 200 {ready_after:.2f} s and first message stored "
                f"{send_ok_after:.2f} s after PostgreSQL was started again (its start-up included)",
-        readyz_status=status, readyz_body=body, readyz_s=round(readyz_s, 2), error_codes=error_codes,
+        readyz_status=status, readyz_body=body, readyz_s=round(readyz_s, 2), page_status=page.status_code,
+        page_s=round(page_s, 2), error_codes=error_codes,
         error_max_s=round(max(error_s), 2), new_socket={"error": new_error, "close": new_close, "s": round(new_socket_s, 2)},
         ready_after_s=ready_after, send_ok_after_s=send_ok_after,
     )
     assert status == 503 and body["checks"]["database"] != "ok", body
+    assert page.status_code == 503 and page.headers.get("retry-after") == "5", (page.status_code, page.headers)
+    assert "Temporarily unavailable" in page.text, page.text[:300]
+    assert "database unavailable, answered 503: GET /" in log, log[-2000:]
     assert error_codes == ["not_saved"] * len(sockets), error_codes
     assert new_error == "unavailable" and new_close == 1013, (new_error, new_close)
     assert closes == [None] * len(sockets), f"open sockets were closed: {closes}"

@@ -85,3 +85,38 @@ def test_health_is_exempt_from_https_redirect_but_pages_are_not(client, settings
     r = client.get("/accounts/login/", **HOST)
     assert r.status_code == 301 and r["Location"] == "https://chat.example.com/accounts/login/"
     assert client.get("/accounts/login/", secure=True, **HOST).status_code == 200
+
+
+def _handled(exc, rf):
+    from app.errors import server_error
+
+    request = rf.get("/")
+    try:
+        raise exc
+    except Exception:
+        return server_error(request)
+
+
+def test_database_outage_is_a_503_page_without_a_traceback(rf, caplog):
+    from django.db import InterfaceError, OperationalError
+
+    for exc in (OperationalError("connection failed: Connection refused\nIs the server running?"), InterfaceError("closed")):
+        caplog.clear()
+        r = _handled(exc, rf)
+        assert r.status_code == 503 and r["Retry-After"] == "5" and r["Cache-Control"] == "no-store"
+        assert b"Temporarily unavailable" in r.content
+        assert r._has_been_logged  # so Django's log_response adds no traceback
+        [record] = [rec for rec in caplog.records if rec.name == "app.errors"]
+        assert record.levelname == "WARNING" and not record.exc_info
+        assert str(exc).splitlines()[0] in record.getMessage()
+
+
+def test_other_errors_stay_500(rf):
+    r = _handled(ZeroDivisionError("a bug"), rf)
+    assert r.status_code == 500 and not getattr(r, "_has_been_logged", False)
+
+
+def test_handler500_is_wired():
+    from app import urls
+
+    assert urls.handler500 == "app.errors.server_error"

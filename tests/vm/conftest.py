@@ -46,11 +46,11 @@ def source(vm_workdir):
     return snapshot_source(vm_workdir / "src")
 
 
-def host_logs(lab: Lab) -> str:
+def host_logs(lab: Lab, lines: int = 40) -> str:
     """What to show when a deploy or check fails."""
     parts = []
     for name in ("web1", "web2"):
-        out = lab.hosts[name].sh("journalctl -u chat --no-pager -n 40 2>&1; systemctl status chat nginx --no-pager 2>&1 | head -30",
+        out = lab.hosts[name].sh(f"journalctl -u chat --no-pager -n {lines} 2>&1; systemctl status chat nginx --no-pager 2>&1 | head -30",
                                  check=False)
         parts.append(f"--- {name} ---\n{out.stdout}{out.stderr}")
     return "\n".join(parts)

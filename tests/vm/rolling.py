@@ -29,6 +29,8 @@ class Follower(threading.Thread):
         self.last_id = 0
         self.frames: list[str] = []
         self.connects = 0
+        self.connect_log: list[str] = []  # "time after=<id>", for the failure report
+        self.last_frame_at = 0.0
         self.drops: list[str] = []
         self.lock = threading.Lock()
 
@@ -36,11 +38,16 @@ class Follower(threading.Thread):
         with self.lock:
             return "\n".join(self.frames)
 
+    def report(self) -> str:
+        return (f"{self.name}: connected {self.connect_log}, last id {self.last_id}, "
+                f"last frame at {self.last_frame_at:.1f}, drops {self.drops}")
+
     def run(self):
         while not self.stop.is_set():
             try:
                 with self.endpoint.websocket(f"{self.ws_path}?after={self.last_id}", self.user.cookies) as ws:
                     self.connects += 1
+                    self.connect_log.append(f"{time.monotonic():.1f} after={self.last_id}")
                     while not self.stop.is_set():
                         try:
                             frame = ws.recv(timeout=0.5)
@@ -48,6 +55,7 @@ class Follower(threading.Thread):
                             continue
                         with self.lock:
                             self.frames.append(frame)
+                            self.last_frame_at = time.monotonic()
                         for match in MSG.finditer(frame):
                             self.last_id = max(self.last_id, int(match.group(1)))
             except Exception as exc:  # closed by a restart, 502 from nginx, refused ...
@@ -65,6 +73,7 @@ class Sender(threading.Thread):
         self.tag = secrets.token_hex(3)
         self.confirmed: list[str] = []
         self.failures = 0
+        self.log: list[str] = []  # "time text id=<id> via <url>" per confirmed message
 
     def run(self):
         n = 0
@@ -72,15 +81,24 @@ class Sender(threading.Thread):
             n += 1
             text = f"rolling-{self.tag}-{n:04d}"
             for endpoint in self.endpoints[n % 2:] + self.endpoints[: n % 2]:
-                try:
-                    with endpoint.websocket(self.ws_path, self.user.cookies) as ws:
-                        ws.send(json.dumps({"message": text}))
-                        read_until(ws, lambda f: "data-msg-id" in f and text in f, timeout=5)
-                    self.confirmed.append(text)
+                if self.attempt(endpoint, text):
                     break
-                except Exception:
-                    self.failures += 1
             self.stop.wait(self.interval)
+
+    def attempt(self, endpoint: Endpoint, text: str) -> bool:
+        confirmed = False
+        try:
+            with endpoint.websocket(self.ws_path, self.user.cookies) as ws:
+                ws.send(json.dumps({"message": text}))
+                frame, _ = read_until(ws, lambda f: "data-msg-id" in f and text in f, timeout=5)
+                self.confirmed.append(text)
+                confirmed = True
+                match = MSG.search(frame)
+                self.log.append(f"{time.monotonic():.1f} {text} id={match.group(1) if match else '?'} via {endpoint.url}")
+        except Exception:  # 502 while the host restarts, closed by a restart, no echo in time
+            if not confirmed:
+                self.failures += 1
+        return confirmed
 
 
 class Prober(threading.Thread):

@@ -11,8 +11,10 @@ clients stay connected.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
+import traceback
 
 import pytest
 
@@ -25,6 +27,13 @@ from tests.vm.rolling import Follower, Prober, Sender
 
 pytestmark = pytest.mark.docker
 
+
+
+def stacks() -> str:
+    """Every thread's stack: what a stuck client thread is waiting for."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"--- {names.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}"
+                     for ident, frame in sys._current_frames().items())
 
 
 def endpoint(lab, name) -> Endpoint:
@@ -169,7 +178,12 @@ def test_rolling_redeploy_keeps_clients(lab, source, deployed):
         for name in ("web1", "web2"):
             current = lab.hosts[name].sh("readlink /srv/chat/current").stdout.strip()
             assert current != old and current.startswith("/srv/chat/releases/"), (name, old, current)
-        assert len(sender.confirmed) >= 10, f"only {len(sender.confirmed)} messages got through ({sender.failures} failures)"
+        assert not sender.is_alive(), (
+            f"the sender did not stop ({len(sender.confirmed)} confirmed):\n{stacks()}"
+        )
+        assert len(sender.confirmed) >= 10, (
+            f"only {len(sender.confirmed)} messages got through ({sender.failures} failures)"
+        )
         # Every confirmed message reaches both clients, live or replayed after a reconnect.
         deadline = time.monotonic() + 20
         while True:
@@ -177,7 +191,14 @@ def test_rolling_redeploy_keeps_clients(lab, source, deployed):
             if not any(missing.values()) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert not any(missing.values()), f"missed: { {k: v[:5] for k, v in missing.items()} } drops: {[f.drops for f in followers]}"
+        if any(missing.values()):
+            lost = {t for v in missing.values() for t in v}
+            raise AssertionError(
+                f"missed: { {k: v[:5] + ['...'] + v[-2:] for k, v in missing.items() if v} }\n"
+                + "\n".join(f.report() for f in followers) + f"\nnow {time.monotonic():.1f} = {time.strftime('%H:%M:%S')}; sender:\n"
+                + "\n".join(line for line in sender.log if line.split()[1] in lost)
+                + f"\n{host_logs(lab, lines=150)}"
+            )
         # Both hosts restarted (each client lost its connection and came back),
         # one after the other: some host answered at every probe.
         for follower in followers:
