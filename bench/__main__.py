@@ -4,7 +4,7 @@
              500 idle sockets. Checks the harness; its numbers mean little.
 --reference  the reference run (< ~10 min): 1,000 clients in 50 rooms of 20, a sweep of offered load
              on pubsub/core x 1/2/4 workers, 10,000 idle sockets. Writes bench/results/reference/ and
-             bench/README-section.md. Run it on a quiet machine.
+             bench/PERFORMANCE.md. Run it on a quiet machine.
 Any option below overrides the mode's value.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def parse(argv=None):
     p.add_argument("--profile", action="store_true", help="py-spy the workers during the --profile-load step")
     p.add_argument("--profile-load", type=float, default=None)
     p.add_argument("--time-limit", type=float, help="overall seconds; later steps are skipped")
-    p.add_argument("--readme-from", metavar="RESULTS_JSON", help="only regenerate bench/README-section.md from a results file")
+    p.add_argument("--readme-from", metavar="RESULTS_JSON", help="only regenerate bench/PERFORMANCE.md from a results file")
     args = p.parse_args(argv)
     args.mode = args.mode or "quick"
     for key, value in MODES[args.mode].items():
@@ -78,7 +78,7 @@ def main(argv=None):
     args = parse(argv)
     if args.readme_from:
         results = json.loads(Path(args.readme_from).read_text())
-        (HERE / "README-section.md").write_text(report.readme_section(results))
+        (HERE / "PERFORMANCE.md").write_text(report.readme_section(results))
         return 0
     from bench.run import Bench
 
@@ -89,7 +89,7 @@ def main(argv=None):
     print()
     print(report.table(results))
     if args.mode == "reference":
-        (HERE / "README-section.md").write_text(report.readme_section(results))
+        (HERE / "PERFORMANCE.md").write_text(report.readme_section(results))
     print(f"\nresults: {out / 'results.json'}, steps: {out / 'steps.jsonl'}, plot: {out / 'plot.png'}")
     return 0
 
