@@ -2,7 +2,7 @@
 
 Reuses the integration tests' services (tests/harness/services.py): a private
 Redis and PostgreSQL on 127.0.0.1, and the runtime contract (a bare `gunicorn`
-in the repo root, DEBUG=False, from the production lock's venv, run as
+in the staged release of the checkout, DEBUG=False, from the production lock's venv, run as
 `nobody` when root). The only difference from tests/harness/stack.py is that the checkout
 is a parameter, so a worktree with changed app code can be measured against
 the same generator.
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.harness import prod_venv
+from tests.harness import prod_venv, release
 from tests.harness.services import Gunicorn, PostgresServer, RedisServer, free_port, manage, production_env
 
 SEED_SCRIPT = r"""
@@ -84,6 +84,8 @@ class AppStack:
     def __init__(self, services: Services, repo: Path, workers: int, layer: str, extra_env: dict | None = None,
                  log_dir: Path | None = None):
         self.services, self.repo = services, Path(repo).resolve()
+        # The checkout as a release `nobody` can read, wherever it lives (tests/harness/release.py).
+        self.release = release.stage(self.repo)
         self.port = free_port()
         env = production_env(services.redis.url, services.postgres.url, self.port,
                              WEB_CONCURRENCY=workers, CHANNEL_LAYER=layer, SECRET_KEY=services.secret_key)
@@ -91,24 +93,23 @@ class AppStack:
         self.env = env
         self.workers, self.layer = workers, layer
         log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench-logs-"))
-        self.gunicorn = Gunicorn(env, log_dir / f"gunicorn-{layer}-w{workers}-{self.port}.log", cwd=self.repo)
+        self.gunicorn = Gunicorn(env, log_dir / f"gunicorn-{layer}-w{workers}-{self.port}.log", cwd=self.release)
         self.ready_seconds = None
 
     def manage(self, *args, timeout=300):
-        result = manage(self.env, *args, check=False, cwd=self.repo, timeout=timeout)
+        result = manage(self.env, *args, check=False, cwd=self.release, timeout=timeout)
         if result.returncode:
             raise RuntimeError(f"manage.py {args[0]} failed:\n{result.stdout}\n{result.stderr}")
         return result
 
     def prepare(self):
-        self.manage("collectstatic", "--noinput", "-v0")
-        self.manage("migrate", "--noinput", "-v0")
+        self.manage("migrate", "--noinput", "-v0")  # collectstatic ran when the release was staged
 
     def seed(self, users: int, rooms: int) -> dict:
         env = dict(self.env, DJANGO_SETTINGS_MODULE="app.settings")
-        env["PYTHONPATH"] = str(self.repo)
+        env["PYTHONPATH"] = str(self.release)
         result = subprocess.run([str(prod_venv.ensure() / "python"), "-c", SEED_SCRIPT, str(users), str(rooms), secrets.token_hex(3)],
-                                cwd=self.repo, env=env, capture_output=True, text=True, timeout=300)
+                                cwd=self.release, env=env, capture_output=True, text=True, timeout=300)
         if result.returncode:
             raise RuntimeError(f"seeding failed:\n{result.stderr}")
         return json.loads(result.stdout)

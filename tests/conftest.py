@@ -6,6 +6,8 @@ tests (bare stack, image, platforms, VMs, pods) run it in a subprocess with
 """
 from pathlib import Path
 
+from tests.harness import services
+
 pytest_plugins = ["tests.harness.fixtures"]
 
 CONTRACT = Path(__file__).parent / "contract"
@@ -27,3 +29,17 @@ def pytest_ignore_collect(collection_path, config):
     if CONTRACT in (collection_path, *collection_path.parents) and not config.getoption("--target-url"):
         return True
     return None
+
+
+def pytest_configure(config):
+    services.stop_all_on_signals()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Whatever happened (a fixture that failed half-way, an interrupt), no
+    Redis, PostgreSQL or gunicorn started by the harness outlives the session."""
+    leaked = services.stop_all()
+    if leaked:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"stopped {len(leaked)} service(s) still running at the end: {', '.join(leaked)}")

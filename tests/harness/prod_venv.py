@@ -2,9 +2,10 @@
 
 The bare stack's gunicorn and its release steps run from here, not from the
 dev venv: no daphne, no test tools, exactly what the platforms install. When
-the tests run as root, gunicorn runs as `nobody`, so this venv is built from an
-interpreter outside /root (Debian's /usr/bin/python3); CHAT_PROD_PYTHON
-overrides the choice.
+the tests run as root, gunicorn runs as `nobody`, so this venv lives in the
+stage (tests/harness/release.py: a folder `nobody` can read, wherever the
+checkout is) and is built from an interpreter outside /root (Debian's
+/usr/bin/python3); CHAT_PROD_PYTHON overrides the choice.
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ def interpreter() -> str:
 
 
 def venv_dir() -> Path:
+    from tests.harness.release import stage_root
+
     python = interpreter()
     digest = hashlib.sha256(LOCK.read_bytes() + python.encode()).hexdigest()[:12]
-    return REPO / ".cache" / f"prod-venv-{digest}"
+    return stage_root() / f"prod-venv-{digest}"
 
 
 def ensure() -> Path:
@@ -49,5 +52,6 @@ def ensure() -> Path:
                 [str(target / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "--require-hashes",
                  "-r", str(LOCK)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
+            subprocess.run(["chmod", "-R", "a+rX", str(target)], check=True)  # whatever the umask
             stamp.touch()
     return target / "bin"

@@ -3,9 +3,15 @@
 Each is started on a free port in its own temporary directory and stopped by
 `stop()`. Used by the integration tests, the contract's "bare" target, the
 benchmark and the fault suite, so they all run the same production stack.
+
+Every process started here is also registered, and `stop_all()` (called when
+the pytest session ends, at interpreter exit and on SIGTERM/SIGHUP) stops
+whatever is still running, so a session that errors or is interrupted leaves
+no Redis, PostgreSQL or gunicorn behind.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import secrets
@@ -18,10 +24,53 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.harness import prod_venv
+from tests.harness import prod_venv, release
 
 REPO = Path(__file__).resolve().parents[2]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+_running: list = []  # services started and not yet stopped, oldest first
+
+
+def _started(service) -> None:
+    if service not in _running:
+        _running.append(service)
+
+
+def _stopped(service) -> None:
+    if service in _running:
+        _running.remove(service)
+
+
+def running() -> list:
+    return list(_running)
+
+
+def stop_all() -> list[str]:
+    """Stop every service still running (newest first); returns what was stopped."""
+    stopped = []
+    for service in reversed(list(_running)):
+        try:
+            service.stop()
+        except Exception:  # keep stopping the others
+            pass
+        stopped.append(type(service).__name__)
+        _stopped(service)
+    return stopped
+
+
+def stop_all_on_signals() -> None:
+    """SIGTERM/SIGHUP (a CI timeout, a closed terminal) stop the services, then exit."""
+
+    def handler(signum, frame):
+        stop_all()
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+atexit.register(stop_all)
 
 
 def free_port() -> int:
@@ -71,11 +120,13 @@ class RedisServer:
         if self.password:
             cmd += ["--requirepass", self.password]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _started(self)
         wait_for_port(self.port, proc=self.proc, what="redis-server")
         return self
 
     def stop(self):
         _terminate(self.proc)
+        _stopped(self)
 
     restart = start
 
@@ -116,6 +167,7 @@ class PostgresServer:
              "-c", f"unix_socket_directories={self.dir}", "-c", "fsync=off", "-c", "max_connections=200"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir, **self.as_user,
         )
+        _started(self)
         wait_for_port(self.port, proc=self.proc, what="postgres")
         self._create_database()
         return self
@@ -137,6 +189,7 @@ class PostgresServer:
 
     def stop(self):
         _terminate(self.proc, signal.SIGINT)  # "fast" shutdown
+        _stopped(self)
 
     def cleanup(self):
         self.stop()
@@ -161,20 +214,23 @@ def production_env(redis_url: str, database_url: str, port: int, **extra) -> dic
     return env
 
 
-def manage(env: dict, *args, check=True, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-    """A release/build step, run with the production lock's interpreter."""
+def manage(env: dict, *args, check=True, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A release step (e.g. migrate), run in the staged release (tests/harness/release.py)
+    with the production lock's interpreter; `cwd` runs it in another staged release."""
     python = str(prod_venv.ensure() / "python")
-    return subprocess.run([python, "manage.py", *args], cwd=cwd, env=env, capture_output=True, text=True, check=check,
-                          timeout=timeout)
+    return subprocess.run([python, "manage.py", *args], cwd=cwd or release.stage(), env=env, capture_output=True,
+                          text=True, check=check, timeout=timeout)
 
 
 class Gunicorn:
-    """The runtime contract: a bare `gunicorn` in the repo root, from the
-production lock's venv (tests/harness/prod_venv.py)."""
+    """The runtime contract: a bare `gunicorn` in the release's root (the
+checkout staged by tests/harness/release.py), from the production lock's venv
+(tests/harness/prod_venv.py)."""
 
-    def __init__(self, env: dict, log_path: Path | None = None, cwd: Path = REPO):
+    def __init__(self, env: dict, log_path: Path | None = None, cwd: Path | None = None):
         self.env = env
-        self.cwd = cwd  # a checkout: the benchmark measures other worktrees too
+        # A staged release: the benchmark stages and measures other worktrees too.
+        self.cwd = cwd or release.stage()
         self.port = int(env["PORT"])
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
         self.proc = None
@@ -185,6 +241,7 @@ production lock's venv (tests/harness/prod_venv.py)."""
         # Never root, as on every target (the contract checks it).
         as_nobody = {"user": "nobody", "group": "nogroup"} if os.geteuid() == 0 else {}
         self.proc = subprocess.Popen([str(gunicorn)], cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, **as_nobody)
+        _started(self)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -197,6 +254,7 @@ production lock's venv (tests/harness/prod_venv.py)."""
             except OSError:
                 pass
             time.sleep(0.02)
+        self.stop(signal.SIGKILL, 10)  # not ready: do not leave it running
         raise TimeoutError(f"gunicorn not ready within {ready_timeout}s:\n{self.log()[-5000:]}")
 
     def log(self) -> str:
@@ -210,3 +268,4 @@ production lock's venv (tests/harness/prod_venv.py)."""
         _terminate(self.proc, sig, timeout)
         if getattr(self, "_log", None):
             self._log.close()
+        _stopped(self)
