@@ -69,7 +69,7 @@ def test_reconnect_replays_missed_messages_once(stack):
 
 
 def test_static_files_are_served_with_far_future_cache_headers(stack):
-    manifest = json.loads((REPO / "staticfiles" / "staticfiles.json").read_text())
+    manifest = json.loads((stack.gunicorn.cwd / "staticfiles" / "staticfiles.json").read_text())  # the staged release
     hashed = manifest["paths"]["chat/vendor/htmx-2.0.11.min.js"]
     assert hashed != "chat/vendor/htmx-2.0.11.min.js"
     status, headers, body = get(stack.port, f"/static/{hashed}", headers={"X-Forwarded-Proto": "https"})
