@@ -60,11 +60,12 @@ def stop_all() -> list[str]:
 
 
 def stop_all_on_signals() -> None:
-    """SIGTERM/SIGHUP (a CI timeout, a closed terminal) stop the services, then exit."""
+    """SIGTERM/SIGHUP (a CI timeout, a closed terminal) end the session as Ctrl-C
+    does: pytest then tears every fixture down (containers, labs) and its
+    session-finish hook calls stop_all() for whatever is left."""
 
     def handler(signum, frame):
-        stop_all()
-        raise SystemExit(128 + signum)
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
