@@ -26,6 +26,7 @@ from tests.harness.debian_image import python_base_image, services_image
 from tests.k8s import kube
 from tests.k8s.images import redis_image
 from tests.k8s.kubelet import Kubelet, Watch, sh, unique_prefix
+from tests.platforms.conftest import worktree_tag
 
 BASE_IMAGE = "registry.example.com/chat"
 
@@ -33,7 +34,7 @@ BASE_IMAGE = "registry.example.com/chat"
 @pytest.fixture(scope="module")
 def app_image(k8s_timings) -> str:
     start = time.monotonic()
-    tag = build_app_image()
+    tag = build_app_image(worktree_tag())
     k8s_timings["app image"] = time.monotonic() - start
     return tag
 
