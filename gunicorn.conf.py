@@ -29,8 +29,13 @@ workers = _int("WEB_CONCURRENCY", 2)
 # Uvicorn workers answer a heartbeat; `timeout` only kills a stuck worker.
 timeout = 30
 # SIGTERM: stop accepting, close websockets with 1012 (clients reconnect
-# elsewhere), let requests finish. Kubernetes' grace period must exceed this.
-graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
+# elsewhere), let requests finish. After graceful_timeout the master SIGKILLs
+# what is left; each Uvicorn worker gives up on stuck connections 5 s before
+# that by itself (app/uvicorn_worker.py). Every platform's kill deadline must
+# exceed this: Heroku's fixed 30 s, Render's maxShutdownDelaySeconds, Fly's
+# kill_timeout, Kubernetes' grace period minus preStop, systemd's
+# TimeoutStopSec (tests/platforms/test_shutdown_windows.py checks each).
+graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 20)
 keepalive = 5
 
 # Platforms put a proxy in front and the app port is not public; on a VM
@@ -60,3 +65,6 @@ def on_starting(server):
     except ConfigError as exc:
         server.log.error("Configuration error: %s", exc)
         sys.exit(1)
+    # Before the workers fork: they share app.probes' "ready once" flag, so
+    # /startupz answers the same whichever worker a checker reaches.
+    import app.probes  # noqa: F401

@@ -61,6 +61,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: /healthz, /readyz and /startupz answer whatever the Host header
+    # says (platform checkers call the private address); every other path
+    # still refuses a Host outside ALLOWED_HOSTS (app/probes.py).
+    "app.probes.HealthCheckMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -175,8 +179,9 @@ STORAGES = {
 # Security: platforms terminate TLS and say so in X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.get_bool("SECURE_SSL_REDIRECT", not DEBUG)
-# Platform health checks speak plain HTTP to the container.
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# Platform health checks speak plain HTTP to the container (they are answered
+# before SecurityMiddleware anyway, by app.probes.HealthCheckMiddleware).
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^startupz$"]
 SECURE_HSTS_SECONDS = env.get_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31536000, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.get_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEBUG)
 SECURE_HSTS_PRELOAD = env.get_bool("SECURE_HSTS_PRELOAD", not DEBUG)

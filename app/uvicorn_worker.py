@@ -1,6 +1,18 @@
 """The Uvicorn worker class the runtime contract names in gunicorn.conf.py."""
 from uvicorn_worker import UvicornWorker
 
+# Seconds between Uvicorn giving up on the connections it is draining and
+# gunicorn's master SIGKILLing the worker (graceful_timeout); half of it when
+# graceful_timeout is shorter than 10 s.
+DRAIN_MARGIN = 5
+
+
+def drain_seconds(graceful_timeout: int) -> int:
+    """How long a worker waits for open connections after SIGTERM: inside
+    gunicorn's graceful_timeout, so the worker ends by itself (cancelling what
+    is stuck) instead of being killed with everything it holds."""
+    return max(1, graceful_timeout - min(DRAIN_MARGIN, graceful_timeout // 2))
+
 
 class ChatUvicornWorker(UvicornWorker):
     CONFIG_KWARGS = {
@@ -21,3 +33,13 @@ class ChatUvicornWorker(UvicornWorker):
         # README "Performance" has the numbers.
         "ws_per_message_deflate": False,
     }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # uvicorn-worker builds Uvicorn's Config without gunicorn's
+        # graceful_timeout, so Uvicorn would wait for a stuck connection (a
+        # request body that never arrives, a handler that never returns)
+        # forever, until the master's SIGKILL. timeout_graceful_shutdown is a
+        # public Config option: after it, Uvicorn cancels what is left and the
+        # worker exits cleanly (tests/platforms/test_shutdown_windows.py).
+        self.config.timeout_graceful_shutdown = drain_seconds(self.cfg.graceful_timeout)

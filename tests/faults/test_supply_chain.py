@@ -272,7 +272,7 @@ def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn):
                 pass
         statuses = {
             "404": get(port, f"/no-such-page-{tag}/"),
-            "bad Host": get(port, "/healthz", host="evil.example"),
+            "bad Host": get(port, "/accounts/login/", host="evil.example"),
             "anonymous room": get(port, f"/rooms/{room}/"),
         }
         # Redis down: /readyz names the failure (503); then it comes back.

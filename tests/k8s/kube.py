@@ -36,13 +36,18 @@ def render(directory: Path | str = K8S) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+def relative_to_overlay(path: Path) -> str:
+    """`path` as seen from an overlay directory made by overlay()."""
+    return str(Path("..") / ".." / ".." / path.relative_to(REPO))
+
+
 def overlay(kustomization: dict, base: Path = K8S) -> list[dict]:
     """Render `kustomization` (with `resources: [deploy/k8s]` added) from a temporary directory."""
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="overlay-", dir=CACHE))
     try:
         body = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                "resources": [str(Path("..") / ".." / ".." / base.relative_to(REPO))], **kustomization}
+                "resources": [relative_to_overlay(base)], **kustomization}
         (tmp / "kustomization.yaml").write_text(yaml.safe_dump(body))
         return render(tmp)
     finally:

@@ -418,34 +418,64 @@ class Kubelet:
 
 
 class Watch(threading.Thread):
-    """Liveness and readiness probes at their declared periods while tests run,
-    recording what the kubelet would have done (restart / take out of endpoints)."""
+    """Liveness and readiness probes at their declared periods, acting as the
+    kubelet does: readiness failing `failureThreshold` times in a row takes
+    the pod out of the Service's endpoints (`ready` False) until
+    `successThreshold` successes bring it back; liveness failing
+    `failureThreshold` times restarts the container (`docker restart`, with
+    the grace period) when `act` is set. Every decision is in `events`.
 
-    def __init__(self, kubelet: Kubelet, pod: Pod, name: str):
+    `probes` replaces the declared probes (a control: "what would the kubelet
+    do with these?"); such a watch should not act."""
+
+    def __init__(self, kubelet: Kubelet, pod: Pod, name: str, *, act: bool = False, probes: dict | None = None,
+                 label: str | None = None):
         super().__init__(daemon=True)
-        self.kubelet, self.pod, self.name = kubelet, pod, name
+        self.kubelet, self.pod, self.name, self.act = kubelet, pod, name, act
+        self.label = label or pod.name
         self.stop = threading.Event()
-        self.events: list[str] = []
+        self.events: list[tuple[float, str]] = []
         self.counts = {"livenessProbe": [0, 0], "readinessProbe": [0, 0]}  # [ok, failed]
+        self.ready = True
+        self.restarts = 0
+        spec = pod.spec(name)
+        self.probes = probes if probes is not None else {k: spec[k] for k in ("livenessProbe", "readinessProbe") if k in spec}
 
     def run(self):
-        spec = self.pod.spec(self.name)
-        due = {kind: time.monotonic() for kind in ("livenessProbe", "readinessProbe") if kind in spec}
-        streak = {kind: 0 for kind in due}
+        due = {kind: time.monotonic() for kind in self.probes}
+        fails = {kind: 0 for kind in due}
+        oks = {kind: 0 for kind in due}
         while not self.stop.is_set():
             now = time.monotonic()
             for kind, when in due.items():
                 if now < when:
                     continue
-                probe = spec[kind]
+                probe = self.probes[kind]
                 result = self.kubelet.probe(self.pod, self.name, probe)
                 self.counts[kind][0 if result.ok else 1] += 1
-                streak[kind] = 0 if result.ok else streak[kind] + 1
-                if streak[kind] >= probe.get("failureThreshold", 3):
-                    action = "restart the container" if kind == "livenessProbe" else "mark the pod unready"
-                    self.events.append(f"{kind} failed {streak[kind]}x ({result.detail}): kubelet would {action}")
+                fails[kind] = 0 if result.ok else fails[kind] + 1
+                oks[kind] = oks[kind] + 1 if result.ok else 0
+                if kind == "readinessProbe":
+                    if self.ready and fails[kind] >= probe.get("failureThreshold", 3):
+                        self.ready = False
+                        self.events.append((time.monotonic(), f"{kind} failed {fails[kind]}x ({result.detail}): "
+                                                              "out of the Service's endpoints"))
+                    elif not self.ready and oks[kind] >= probe.get("successThreshold", 1):
+                        self.ready = True
+                        self.events.append((time.monotonic(), "ready again: back in the endpoints"))
+                elif kind == "livenessProbe" and fails[kind] >= probe.get("failureThreshold", 3):
+                    self.events.append((time.monotonic(), f"{kind} failed {fails[kind]}x ({result.detail}): container restart"))
+                    self.restarts += 1
+                    fails[kind] = 0
+                    if self.act:
+                        grace = self.pod.template["spec"].get("terminationGracePeriodSeconds", 30)
+                        sh(DOCKER, "restart", "-t", str(grace), self.pod.containers[self.name], check=False, timeout=grace + 60)
                 due[kind] = now + probe.get("periodSeconds", 10)
             self.stop.wait(0.2)
+
+    def describe(self, t0: float) -> str:
+        evs = ", ".join(f"+{t - t0:.1f}s {what}" for t, what in self.events) or "no action"
+        return f"{self.label}: probes ok/failed {self.counts}; {evs}"
 
 
 def unique_prefix() -> str:

@@ -15,18 +15,19 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.k8s import kube
+from tests.k8s import crd, kube
 from tests.k8s.netpol import Peer, allowed, pod_peer
+from tests.platforms import windows
 
 # The newest three minors kubernetes-validate knows, and the older ones still
 # common in managed clusters (the preStop `sleep` action needs >= 1.30).
 VERSIONS = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0"]
 EXPECTED_KINDS = {
     ("Namespace", "chat"), ("ServiceAccount", "chat"), ("Deployment", "chat-web"), ("Service", "chat-web"),
-    ("Ingress", "chat-web"), ("HorizontalPodAutoscaler", "chat-web"), ("PodDisruptionBudget", "chat-web"),
+    ("Gateway", "chat"), ("HTTPRoute", "chat-web"), ("HTTPRoute", "chat-web-redirect"), ("HorizontalPodAutoscaler", "chat-web"), ("PodDisruptionBudget", "chat-web"),
     ("Job", "chat-migrate"), ("Deployment", "chat-redis"), ("Service", "chat-redis"),
     ("NetworkPolicy", "default-deny"), ("NetworkPolicy", "allow-dns-egress"), ("NetworkPolicy", "chat-web"),
-    ("NetworkPolicy", "chat-migrate"), ("NetworkPolicy", "chat-redis"),
+    ("NetworkPolicy", "chat-migrate"), ("NetworkPolicy", "chat-redis"), ("NetworkPolicy", "chat-gateway"),
 }
 SECRET_NAME = "chat-secrets"
 VAR_REF = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -74,17 +75,25 @@ def test_one_object_per_file_and_every_file_listed():
     listed = set(kustomization["resources"])
     files = {p.name for p in kube.K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
     assert files == listed, f"unlisted: {files - listed}, missing: {listed - files}"
-    for path in [*kube.K8S.glob("*.yaml"), *(kube.K8S / "postgres-demo").glob("*.yaml")]:
+    for path in [*kube.K8S.glob("*.yaml"), *(kube.K8S / "postgres-demo").glob("*.yaml"), *kube.K8S.glob("components/*/*.yaml")]:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         assert len(docs) == 1, f"{path} holds {len(docs)} objects"
+    for component in kube.K8S.glob("components/*/kustomization.yaml"):
+        spec = yaml.safe_load(component.read_text())
+        assert spec["kind"] == "Component"
+        used = set(spec.get("resources", [])) | {p["path"] for p in spec.get("patches", [])}
+        files = {p.name for p in component.parent.glob("*.yaml")} - {"kustomization.yaml"}
+        assert files == used, f"{component.parent.name}: unlisted {files - used}, missing {used - files}"
 
 
 # --- schemas ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_every_object_validates_strictly(rendered, rendered_demo, version):
+def test_every_object_validates_strictly(rendered, rendered_demo, rendered_ingress_nginx, version):
     errors = []
-    for obj in [*rendered, *rendered_demo]:
+    for obj in [*rendered, *rendered_demo, *rendered_ingress_nginx]:
+        if obj["apiVersion"].startswith(crd.GROUP + "/"):
+            continue  # Gateway API objects: test_gateway_api_objects_validate_against_the_crd_schemas
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.utils.ValidationError as exc:
@@ -157,8 +166,6 @@ def test_every_container_is_hardened_and_limited(rendered, rendered_demo):
 
 
 def test_long_running_containers_have_probes_on_real_ports(rendered, rendered_demo):
-    config = kube.config_data(rendered)
-    allowed_hosts = [h.strip() for h in config["ALLOWED_HOSTS"].split(",")]
     problems = []
     for workload, template in all_templates([*rendered, *rendered_demo]):
         if workload["kind"] in ("Job", "CronJob"):
@@ -178,9 +185,13 @@ def test_long_running_containers_have_probes_on_real_ports(rendered, rendered_de
                     if (isinstance(port, str) and port not in ports) or (isinstance(port, int) and port not in numbers):
                         problems.append(f"{name}: {kind} port {port} is not a container port")
                 if "httpGet" in probe:
+                    # The kubelet sends the pod IP as Host; the health paths answer any
+                    # Host (app/probes.py), so a Host override would only hide that.
                     headers = {h["name"].lower(): h["value"] for h in probe["httpGet"].get("httpHeaders", [])}
-                    if headers.get("host") not in allowed_hosts:
-                        problems.append(f"{name}: {kind} sends Host {headers.get('host')!r}, not in ALLOWED_HOSTS")
+                    if "host" in headers:
+                        problems.append(f"{name}: {kind} overrides Host ({headers['host']!r}): not needed")
+                    if probe["httpGet"].get("path") not in ("/healthz", "/readyz", "/startupz"):
+                        problems.append(f"{name}: {kind} probes {probe['httpGet'].get('path')}, not a health path")
     assert not problems, "\n".join(problems)
 
 
@@ -188,8 +199,10 @@ def test_web_probes_are_the_right_endpoints(rendered):
     web = kube.find(rendered, "Deployment", "chat-web")["spec"]["template"]["spec"]["containers"][0]
     assert web["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert web["startupProbe"]["httpGet"]["path"] == "/healthz"
-    assert web["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    # /readyz runs two checks of up to 2 s each.
+    # Readiness decides Service endpoints and the rollout: dependencies once
+    # (a new pod must reach them), then the process only (no cascade).
+    assert web["readinessProbe"]["httpGet"]["path"] == "/startupz"
+    # Until it passed once it is /readyz: two checks of up to 2 s each.
     assert web["readinessProbe"]["timeoutSeconds"] >= 4
 
 
@@ -217,7 +230,7 @@ def test_rollout_shape(rendered):
     assert spec["strategy"]["type"] == "RollingUpdate" and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = spec["template"]["spec"]
     config = kube.config_data(rendered)
-    graceful = int(config.get("GUNICORN_GRACEFUL_TIMEOUT", 30))
+    graceful = windows.gunicorn_graceful_timeout(config)
     web = pod["containers"][0]
     pre_stop = web["lifecycle"]["preStop"]
     sleep = pre_stop["sleep"]["seconds"] if "sleep" in pre_stop else None
@@ -364,18 +377,94 @@ def test_redis_url_points_at_the_redis_service(rendered):
     assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
 
 
-def test_ingress_routes_the_public_host_to_the_web_service_with_long_timeouts(rendered):
-    ingress = kube.find(rendered, "Ingress", "chat-web")
+def test_gateway_routes_the_public_host_to_the_web_service_without_a_request_deadline(rendered):
+    hosts = [h.strip() for h in kube.config_data(rendered)["ALLOWED_HOSTS"].split(",")]
+    gateway = kube.find(rendered, "Gateway", "chat")
+    listeners = {l["name"]: l for l in gateway["spec"]["listeners"]}
+    assert listeners["https"]["protocol"] == "HTTPS" and listeners["https"]["tls"]["mode"] == "Terminate"
+    assert listeners["https"]["hostname"] == hosts[0], "the first ALLOWED_HOSTS entry is the public host (Site domain)"
+    route = kube.find(rendered, "HTTPRoute", "chat-web")
+    assert route["spec"]["hostnames"] == [hosts[0]]
+    assert route["spec"]["parentRefs"] == [{"name": "chat", "sectionName": "https"}]
+    rule = route["spec"]["rules"][0]
+    backend = rule["backendRefs"][0]
+    service = kube.find(rendered, "Service", backend["name"])
+    assert backend["port"] in [p["port"] for p in service["spec"]["ports"]]
+    # Websockets live for hours: no per-request deadline at the gateway.
+    assert rule["timeouts"]["request"] == "0s" and "backendRequest" not in rule["timeouts"]
+    redirect = kube.find(rendered, "HTTPRoute", "chat-web-redirect")
+    assert redirect["spec"]["parentRefs"] == [{"name": "chat", "sectionName": "http"}]
+    assert redirect["spec"]["rules"][0]["filters"] == [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https", "statusCode": 301}}]
+
+
+def test_gateway_api_objects_validate_against_the_crd_schemas(rendered):
+    objects = [o for o in rendered if o["apiVersion"].startswith(crd.GROUP + "/")]
+    assert {o["kind"] for o in objects} == {"Gateway", "HTTPRoute"}
+    errors = [e for o in objects for e in crd.errors(o)]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda r: r["spec"]["rules"][0].update(timeout={"request": "0s"}), "timeout"),
+    (lambda r: r["spec"]["rules"][0]["timeouts"].update(request="forever"), "forever"),
+    (lambda r: r["spec"]["rules"][0]["backendRefs"][0].update(port=70000), "70000"),
+    (lambda r: r["spec"].update(hostnames=["Chat.Example.com"]), "Chat.Example.com"),
+])
+def test_the_crd_schema_rejects_a_broken_route(rendered, change, named):
+    import copy
+
+    route = copy.deepcopy(kube.find(rendered, "HTTPRoute", "chat-web"))
+    change(route)
+    errors = crd.errors(route)
+    assert errors and any(named in e for e in errors), errors
+
+
+def test_the_crd_schema_rejects_a_broken_gateway(rendered):
+    import copy
+
+    gateway = copy.deepcopy(kube.find(rendered, "Gateway", "chat"))
+    gateway["spec"]["listeners"][0]["protocol"] = "HTTP S"
+    gateway["spec"]["listeners"][0]["tls"]["mode"] = "Offload"
+    errors = crd.errors(gateway)
+    assert any("HTTP S" in e for e in errors) and any("Offload" in e for e in errors), errors
+
+
+def test_ingress_nginx_component_replaces_the_gateway(rendered, rendered_ingress_nginx):
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in rendered_ingress_nginx if o["kind"] != "ConfigMap"}
+    base = {(o["kind"], o["metadata"]["name"]) for o in rendered if o["kind"] != "ConfigMap"}
+    gateway_api = {("Gateway", "chat"), ("HTTPRoute", "chat-web"), ("HTTPRoute", "chat-web-redirect"),
+                   ("NetworkPolicy", "chat-gateway")}
+    assert kinds == (base - gateway_api) | {("Ingress", "chat-web"), ("NetworkPolicy", "chat-web-from-ingress-nginx")}
+    ingress = kube.find(rendered_ingress_nginx, "Ingress", "chat-web")
     hosts = [h.strip() for h in kube.config_data(rendered)["ALLOWED_HOSTS"].split(",")]
     rule = ingress["spec"]["rules"][0]
-    assert rule["host"] == hosts[0], "the first ALLOWED_HOSTS entry is the public host (Site domain)"
-    assert rule["host"] in ingress["spec"]["tls"][0]["hosts"]
+    assert rule["host"] == hosts[0] and rule["host"] in ingress["spec"]["tls"][0]["hosts"]
     backend = rule["http"]["paths"][0]["backend"]["service"]
-    service = kube.find(rendered, "Service", backend["name"])
+    service = kube.find(rendered_ingress_nginx, "Service", backend["name"])
     assert backend["port"].get("name") in [p.get("name") for p in service["spec"]["ports"]]
     notes = ingress["metadata"]["annotations"]
     for key in ("nginx.ingress.kubernetes.io/proxy-read-timeout", "nginx.ingress.kubernetes.io/proxy-send-timeout"):
         assert int(notes[key]) >= 3600, key
+
+
+@pytest.mark.parametrize("which", ["base", "ingress-nginx", "postgres-demo"])
+def test_no_image_is_latest_or_untagged(rendered, rendered_ingress_nginx, rendered_demo, which):
+    """What `kubectl kustomize deploy/k8s` renders names versions only: a
+    rollout, a rescheduled pod and a node restart run the same image."""
+    objects = {"base": rendered, "ingress-nginx": rendered_ingress_nginx, "postgres-demo": rendered_demo}[which]
+    images = [c["image"] for _, t in all_templates(objects) for c in containers(t)]
+    assert images
+    for image in images:
+        name, _, digest = image.partition("@")
+        tag = name.rsplit("/", 1)[-1].partition(":")[2]
+        assert digest or (tag and tag != "latest"), f"{image}: pin a version or a digest"
+
+
+def test_the_latest_check_catches_latest(kubectl):
+    """Negative control: an overlay that sets newTag: latest is caught."""
+    objects = kube.overlay({"images": [{"name": "registry.example.com/chat", "newTag": "latest"}]})
+    images = [c["image"] for _, t in all_templates(objects) for c in containers(t)]
+    assert "registry.example.com/chat:latest" in images
 
 
 def test_migration_job_survives_a_second_release(rendered):
@@ -403,12 +492,15 @@ def test_namespace_enforces_restricted_pod_security(rendered):
 
 # --- NetworkPolicies, evaluated ----------------------------------------------------------------
 
-def test_network_policies_admit_only_the_intended_flows(rendered, rendered_demo):
+def test_network_policies_admit_only_the_intended_flows(rendered, rendered_demo, rendered_ingress_nginx):
     ns_labels = {"kubernetes.io/metadata.name": "chat"}
     pols = kube.all_of(rendered, "NetworkPolicy")
     web = pod_peer("web", kube.pod_template(kube.find(rendered, "Deployment", "chat-web")), "chat", ns_labels)
     redis = pod_peer("redis", kube.pod_template(kube.find(rendered, "Deployment", "chat-redis")), "chat", ns_labels)
     migrate = pod_peer("migrate", kube.pod_template(kube.find(rendered, "Job", "chat-migrate")), "chat", ns_labels)
+    gateway = Peer("gateway data plane", "chat", {"gateway.networking.k8s.io/gateway-name": "chat"}, ns_labels)
+    other_gateway = Peer("another gateway's pods", "chat", {"gateway.networking.k8s.io/gateway-name": "other"}, ns_labels)
+    client = Peer("labelled in-cluster client", "reports", {"chat/web-client": "true"}, {"kubernetes.io/metadata.name": "reports"})
     controller = Peer("ingress-nginx", "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"},
                       {"kubernetes.io/metadata.name": "ingress-nginx"})
     stranger = Peer("stranger", "default", {"app": "x"}, {"kubernetes.io/metadata.name": "default"})
@@ -418,8 +510,10 @@ def test_network_policies_admit_only_the_intended_flows(rendered, rendered_demo)
     internet = Peer("internet", None, ip="93.184.216.34")
 
     expect = [
-        (controller, web, 8000, True), (stranger, web, 8000, False), (intruder, web, 8000, False),
-        (controller, web, 9000, False), (controller, redis, 6379, False),
+        (internet, gateway, 443, True), (gateway, web, 8000, True), (gateway, redis, 6379, False),
+        (gateway, web, 8000, True), (client, web, 8000, True), (stranger, web, 8000, False), (intruder, web, 8000, False),
+        (other_gateway, web, 8000, False), (controller, web, 8000, False),
+        (gateway, web, 9000, False), (client, web, 9000, False), (gateway, redis, 6379, False), (client, redis, 6379, False),
         (web, redis, 6379, True), (migrate, redis, 6379, False), (intruder, redis, 6379, False),
         (stranger, redis, 6379, False), (redis, web, 8000, False), (web, redis, 6380, False),
         (web, database, 5432, True), (migrate, database, 5432, True), (redis, database, 5432, False),
@@ -432,6 +526,13 @@ def test_network_policies_admit_only_the_intended_flows(rendered, rendered_demo)
              for s, d, p, ok in expect if allowed(pols, s, d, p) != ok]
     assert not wrong, "\n".join(wrong)
     assert allowed(pols, web, dns, 53, "UDP")
+
+    # With the ingress-nginx component: its controller reaches the web pods
+    # (and nothing else), in-cluster clients still do.
+    nginx_pols = kube.all_of(rendered_ingress_nginx, "NetworkPolicy")
+    assert allowed(nginx_pols, controller, web, 8000) and allowed(nginx_pols, client, web, 8000)
+    assert not allowed(nginx_pols, controller, redis, 6379) and not allowed(nginx_pols, stranger, web, 8000)
+    assert not allowed(nginx_pols, controller, web, 9000)
 
     # With the demo PostgreSQL: web and migrate reach it, nothing else does.
     demo_pols = pols + kube.all_of(rendered_demo, "NetworkPolicy")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The [A] contract against the chat on a real cluster (what `make verify-k8s` runs):
 # white-box checks inside every ready web pod through testinfra's kubectl://
-# backend (`kubectl exec`), black-box checks over HTTPS through the Ingress.
+# backend (`kubectl exec`), black-box checks over HTTPS through the Gateway (or the Ingress).
 #
 #   tests/k8s/verify_cluster.sh https://chat.example.com
 #
@@ -51,7 +51,7 @@ out = run_contract(
     os.environ["CHAT_CONTRACT_URL"], os.environ["CHAT_CONTRACT_HOSTS"],
     workers=int(os.environ["CHAT_CONTRACT_WORKERS"]), port=int(os.environ["CHAT_CONTRACT_PORT"]),
     redis="chat-redis:6379",   # as seen from inside a web pod (the Service name)
-    https_proxy=False,         # real TLS at the Ingress
+    https_proxy=False,         # real TLS at the Gateway or Ingress
 )
 print(out.strip().splitlines()[-1])
 PY

@@ -110,9 +110,17 @@ def test_healthcheck_command_passes_on_a_read_only_container(lab, app_image, sta
     test = inspect(app_image)["Config"]["Healthcheck"]["Test"]
     r = sh("docker", "exec", name, *test[1:], check=False)
     assert r.returncode == 0, out(r) + lab.logs(name)
-    # The same probe fails when the Host it sends is not allowed: the check is real.
-    r = sh("docker", "exec", "-e", "ALLOWED_HOSTS=not-allowed.invalid", name, *test[1:], check=False)
+    # The same probe fails when nothing answers on $PORT: the check is real.
+    r = sh("docker", "exec", "-e", "PORT=1", name, *test[1:], check=False)
     assert r.returncode != 0
+    # It sends no Host of its own (health paths answer any Host), while the
+    # pages still refuse one outside ALLOWED_HOSTS.
+    assert "Host" not in " ".join(test)
+    page = sh("docker", "exec", name, "python", "-c",
+              "import urllib.request as u, urllib.error as e\n"
+              "try: u.urlopen('http://127.0.0.1:8000/accounts/login/', timeout=4)\n"
+              "except e.HTTPError as x: print(x.code)", check=False)
+    assert out(page).strip() == "400", out(page)
     # Nothing but /tmp is writable.
     r = sh("docker", "exec", name, "sh", "-c", "touch /app/x 2>/dev/null || touch /x 2>/dev/null || echo ro; touch /tmp/ok && echo tmp", check=False)
     assert out(r).split() == ["ro", "tmp"], out(r)

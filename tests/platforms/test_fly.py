@@ -9,7 +9,8 @@ What `fly deploy --config deploy/fly.toml` does, done here:
 4. run every `[[http_service.checks]]` exactly as declared: against the
    machine's private address on `internal_port`, with the declared method,
    path and headers (Host defaults to the machine's address, as Fly's is),
-   no redirects followed, 2xx within `timeout`.
+   no redirects followed, 2xx within `timeout`; the top-level `[checks]`
+   likewise on their `port`.
 Then the [A] contract against both machines, through a stand-in for Fly's
 edge (public Host, X-Forwarded-Proto: https).
 """
@@ -22,7 +23,9 @@ import pytest
 from tests.harness.app_image import build_app_image
 from tests.harness.contract import run_contract
 from tests.platforms import manifests as m
-from tests.platforms.infra import REPO, contract_each, http_get, new_secret_key, out
+from tests.platforms.checkers import (Checker, describe, http_probe, nobody_routable, redis_outage, run_together, stop_all,
+                                      wait_all_passing)
+from tests.platforms.infra import REPO, contract_each, http_get, new_secret_key, out, sh
 
 
 def fly_check(lab, machine: str, port: int, check: dict):
@@ -75,13 +78,23 @@ def test_declared_checks_pass_on_both_machines(fly, lab):
                                    lambda status: 200 <= status < 300, timeout=max(grace, 30))
 
 
-def test_a_check_without_the_declared_headers_would_fail(fly, lab):
-    """Fly's default Host is the machine address: without the manifest's Host
-    header Django refuses the probe, so the header in fly.toml is load-bearing."""
-    check = dict(fly["cfg"]["http_service"]["checks"][0])
-    check["headers"] = {}
-    r = fly_check(lab, fly["machines"][0], fly["port"], check)
-    assert r.status == 400, r.status
+def test_top_level_checks_pass_on_both_machines(fly, lab):
+    """[checks] (no routing; fly deploy waits for them): /readyz, as declared."""
+    for check in (fly["cfg"].get("checks") or {}).values():
+        assert check["type"] == "http"
+        for machine in fly["machines"]:
+            lab.wait_until_healthy(machine, lambda: fly_check(lab, machine, check["port"], check),
+                                   lambda status: 200 <= status < 300, timeout=30)
+
+
+def test_checks_need_no_host_but_pages_still_refuse_the_machine_address(fly, lab):
+    """Fly sends the machine's address as Host. The health paths answer it
+    (no Host override in fly.toml); any other path still refuses it (400)."""
+    machine = fly["machines"][0]
+    page = dict(fly["cfg"]["http_service"]["checks"][0], path="/accounts/login/")
+    assert fly_check(lab, machine, fly["port"], page).status == 400
+    public = fly["cfg"]["env"]["ALLOWED_HOSTS"].split(",")[0]
+    assert fly_check(lab, machine, fly["port"], dict(page, headers={"Host": public, "X-Forwarded-Proto": "https"})).status == 200
 
 
 def test_contract_against_both_machines(fly, timings):
@@ -91,3 +104,45 @@ def test_contract_against_both_machines(fly, timings):
                   [f"docker://{n}" for n in fly["machines"]], workers=int(fly["cfg"]["env"].get("WEB_CONCURRENCY", 2)),
                   port=fly["port"], redis=f"{fly['redis'].host}:6379", host_header=host, https_proxy=True)
     timings["fly contract"] = time.monotonic() - start
+
+
+def test_a_redis_outage_keeps_both_machines_in_rotation(fly, lab, timings):
+    """30 s of a frozen Redis, with the checks acting as Fly acts on them
+    (tests/platforms/checkers.py): the routing check (/startupz) keeps passing
+    on both machines, so Fly Proxy keeps routing to them and the app answers
+    users itself; the top-level /readyz check goes critical (what `fly checks
+    list` shows) without affecting routing; Fly restarts nothing. Control, in
+    the same outage: the previous fly.toml's routing check on /readyz takes
+    both machines out of rotation at once."""
+    cfg, port = fly["cfg"], fly["port"]
+    ok2xx = lambda status: 200 <= status < 300  # noqa: E731
+    shipped, control = [], []
+    for machine in fly["machines"]:
+        for i, check in enumerate(cfg["http_service"]["checks"]):
+            shipped.append(Checker(f"{machine} http_service.checks[{i}] {check['path']}", interval=m.duration(check["interval"]),
+                                   probe=http_probe(lambda mc=machine, c=check: fly_check(lab, mc, port, c), ok2xx)))
+        for name, check in (cfg.get("checks") or {}).items():
+            shipped.append(Checker(f"{machine} checks.{name} {check['path']}", interval=m.duration(check["interval"]), routing=False,
+                                   probe=http_probe(lambda mc=machine, c=check: fly_check(lab, mc, c["port"], c), ok2xx)))
+        old = dict(cfg["http_service"]["checks"][0], path="/readyz")
+        control.append(Checker(f"{machine} control: http_service check on /readyz", interval=m.duration(old["interval"]),
+                               probe=http_probe(lambda mc=machine, c=old: fly_check(lab, mc, port, c), ok2xx)))
+    everyone = shipped + control
+    run_together(everyone)
+    try:
+        wait_all_passing(everyone)
+        redis = fly["redis"].name
+        start, end = redis_outage(lambda: sh("docker", "pause", redis), lambda: sh("docker", "unpause", redis))
+        deadline = time.monotonic() + 30
+        while not all(c.in_rotation for c in control) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        stop_all(everyone)
+    report = describe(everyone, start)
+    print(f"\nfly, Redis frozen for {end - start:.0f} s:\n{report}")
+    routing = [c for c in shipped if c.routing]
+    assert all(c.failures() == 0 and not c.events for c in routing), report
+    readiness = [c for c in shipped if not c.routing]
+    assert all(c.failures() >= 1 for c in readiness), "the outage was not visible to /readyz:\n" + report
+    assert nobody_routable(control, fly["machines"]), "control: the /readyz routing check did not empty the rotation:\n" + report
+    timings["fly outage: control out of rotation after"] = max(c.first_out() for c in control) - start

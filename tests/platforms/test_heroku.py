@@ -3,10 +3,14 @@
 What Heroku does on `git push heroku main` (or the Heroku Button), done here:
 1. build (heroku/python buildpack) in a clean container from the local base:
    a Python matching .python-version at /app/.heroku/python, `pip install -r
-   requirements.txt`, then `python manage.py collectstatic --noinput` found the
-   way the buildpack finds manage.py (depth <= 3) with the app's config vars
-   exported; the result is committed as the slug (config vars are passed to
-   `docker exec` only, so none is stored in the image);
+   requirements.txt`, then the buildpack's own collectstatic step
+   (bin/steps/collectstatic, run through `sub_env`): every config var
+   exported except the buildpack's blacklist, PYTHONPATH=., manage.py found
+   by `find . -maxdepth 3`, and `python manage.py collectstatic --noinput
+   --traceback` with *no* DJANGO_SETTINGS_MODULE, i.e. app.settings with the
+   app's real config vars (not app.settings_build); the result is committed
+   as the slug (config vars are passed to `docker exec` only, so none is
+   stored in the image);
 2. the Procfile's `release` line in a one-off dyno;
 3. two `web` dynos running the Procfile's `web` line with a random $PORT,
    DEBUG=False and the add-ons' URLs (Postgres, and Key-Value Store as
@@ -16,6 +20,7 @@ Then the [A] contract against both dynos.
 from __future__ import annotations
 
 import random
+import re
 import secrets
 import time
 
@@ -24,6 +29,8 @@ import pytest
 from tests.harness.contract import run_contract
 from tests.platforms import manifests as m
 from tests.platforms.infra import contract_each, http_get, out, sh, source_files
+from tests.platforms.stuck import open_stuck_request, still_open
+from tests.platforms.windows import HEROKU_KILL_AFTER
 
 PUBLIC_HOST = "chat-example-1a2b3c4d5e6f.herokuapp.com"
 HEROKU_PATH = "/app/.heroku/python/bin:/usr/local/bin:/usr/bin:/bin"
@@ -34,6 +41,31 @@ def find_manage_py(files: list[str]) -> str | None:
     """The buildpack: `find . -maxdepth 3 -type f -name manage.py`, shallowest first."""
     found = sorted((p.count("/"), p) for p in files if p.rsplit("/", 1)[-1] == "manage.py" and p.count("/") <= 2)
     return found[0][1] if found else None
+
+
+# heroku-buildpack-python bin/steps/collectstatic, as the buildpack runs it
+# (bin/compile: `sub_env "$BIN_DIR/steps/collectstatic"`); the shell lines are
+# the step's own, minus its metadata and output helpers.
+COLLECTSTATIC_STEP = r"""
+set -euo pipefail
+if [[ -f .heroku/collectstatic_disabled ]]; then echo "Skipping Django collectstatic (file)"; exit 0; fi
+if [[ "${DISABLE_COLLECTSTATIC:-0}" != "0" ]]; then echo "Skipping Django collectstatic (DISABLE_COLLECTSTATIC)"; exit 0; fi
+python -c "import sys, importlib.util; sys.exit(0 if importlib.util.find_spec('django') else 1)" || exit 0
+MANAGE_FILE=$(find . -maxdepth 3 -type f -name 'manage.py' -printf '%d	%P
+' | sort -nk1 | cut -f2 | head -1)
+MANAGE_FILE=${MANAGE_FILE:-fakepath}
+if [[ ! -f "${MANAGE_FILE}" ]]; then echo "Skipping Django collectstatic since no manage.py file found."; exit 0; fi
+echo "-----> \$ python $MANAGE_FILE collectstatic --noinput"
+PYTHONPATH=${PYTHONPATH:-.}
+export PYTHONPATH
+python "$MANAGE_FILE" collectstatic --noinput --traceback
+"""
+# buildpack-stdlib's sub_env: config vars matching this are not exported.
+SUB_ENV_BLACKLIST = re.compile(r"^(GIT_DIR|PYTHONHOME|LD_LIBRARY_PATH|LIBRARY_PATH|PATH)$")
+
+
+def sub_env(config: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in config.items() if not SUB_ENV_BLACKLIST.match(k)}
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +89,15 @@ def heroku(lab, base_image, svc_image, timings):
     have = out(lab.exec(builder, ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"])).strip()
     assert have == pinned, f".python-version asks for {pinned}; the stand-in stack has {have}"
     lab.exec(builder, ["python3", "-m", "venv", "/app/.heroku/python"])
-    build_env = {**config, "PATH": HEROKU_PATH, "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    pip = lab.exec(builder, ["pip", "install", "-r", "requirements.txt"], env=build_env, workdir="/app", check=False)
+    tools = {"PATH": HEROKU_PATH, "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    pip = lab.exec(builder, ["pip", "install", "-r", "requirements.txt"], env=tools, workdir="/app", check=False)
     assert pip.returncode == 0, out(pip)
-    manage = find_manage_py(source_files())
-    assert manage, "the buildpack would not find manage.py (depth <= 3) and skip collectstatic"
-    collect = lab.exec(builder, ["python", manage, "collectstatic", "--noinput"], env=build_env, workdir="/app", check=False)
+    assert find_manage_py(source_files()) == "manage.py", "the buildpack would not find manage.py (depth <= 3)"
+    assert "DJANGO_SETTINGS_MODULE" not in config, "the step would use the app's settings module as configured"
+    build_env = {**sub_env(config), **tools}
+    collect = lab.exec(builder, ["bash", "-c", COLLECTSTATIC_STEP], env=build_env, workdir="/app", check=False)
     assert collect.returncode == 0, "collectstatic failed the build:\n" + out(collect)
+    assert "$ python manage.py collectstatic --noinput" in out(collect) and "static files copied" in out(collect), out(collect)
     lab.exec(builder, ["chown", "-R", "root:root", "/app"])
     slug = lab.commit(builder, f"{lab.prefix}/heroku-slug:latest",
                       [f"ENV PATH={HEROKU_PATH}", "WORKDIR /app", 'CMD ["bash"]'])
@@ -94,7 +128,24 @@ def heroku(lab, base_image, svc_image, timings):
         lab.wait_http(d, p, "/readyz", PUBLIC_HOST)
     timings["heroku release+boot"] = time.monotonic() - start
     return {"dynos": dynos, "published": published, "port": port, "kv": kv, "config": config, "slug": slug,
-            "env": dyno_env}
+            "env": dyno_env, "build_env": build_env, "collect": out(collect)}
+
+
+def test_collectstatic_ran_with_app_settings_and_the_config_vars(heroku, lab):
+    """The buildpack's step imports app.settings (DEBUG=False): it needs the
+    config vars at build time, so a missing one fails the build with its name
+    (Heroku: set config vars before the first push). The same step with all
+    of them is the positive control (the fixture's build)."""
+    slug = heroku["slug"]
+    env = {k: v for k, v in heroku["build_env"].items() if k != "SECRET_KEY"}
+    r = lab.run_once("heroku-build-nokey", slug, ["bash", "-c", COLLECTSTATIC_STEP], env=env, workdir="/app")
+    assert r.returncode != 0 and "SECRET_KEY is required" in out(r), out(r)
+    r = lab.run_once("heroku-build-ok", slug, ["bash", "-c", COLLECTSTATIC_STEP], env=heroku["build_env"], workdir="/app")
+    assert r.returncode == 0 and "0 static files copied" in out(r), out(r)
+    # DISABLE_COLLECTSTATIC is honoured as the buildpack does.
+    r = lab.run_once("heroku-build-off", slug, ["bash", "-c", COLLECTSTATIC_STEP],
+                     env={**env, "DISABLE_COLLECTSTATIC": "1"}, workdir="/app")
+    assert r.returncode == 0 and "Skipping Django collectstatic" in out(r), out(r)
 
 
 def test_build_used_the_config_vars_but_the_slug_holds_none(heroku, lab):
@@ -146,3 +197,30 @@ def test_contract_against_both_dynos(heroku, timings):
                   [f"docker://{d}" for d in heroku["dynos"]], workers=2, port=heroku["port"],
                   redis=f"{heroku['kv'].host}:6379", host_header=PUBLIC_HOST, https_proxy=True)
     timings["heroku contract"] = time.monotonic() - start
+
+
+def test_dyno_shutdown_ends_before_herokus_sigkill(heroku, lab, timings):
+    """Heroku sends SIGTERM and SIGKILLs 30 s later (not configurable). With a
+    request stuck on the dyno, the default drain (Uvicorn gives up at 15 s,
+    gunicorn's graceful_timeout is 20 s) still ends first: exit 0, the stuck
+    task cancelled, nothing killed."""
+    port = heroku["port"]
+    name = lab.run("heroku-web-stop", heroku["slug"], ["bash", "-c", m.procfile()["web"]], user=DYNO_USER,
+                   env={**heroku["env"], "PORT": str(port), "DYNO": "web.4"}, publish=[port])
+    published = lab.port(name, port)
+    lab.wait_tcp(name, published)
+    sock = open_stuck_request("127.0.0.1", published)
+    start = time.monotonic()
+    try:
+        assert still_open(sock)
+        sh("docker", "stop", "-t", str(HEROKU_KILL_AFTER), name, timeout=HEROKU_KILL_AFTER + 30)  # SIGTERM, SIGKILL at 30 s
+        took = time.monotonic() - start
+    finally:
+        sock.close()
+    state = sh("docker", "inspect", "-f", "{{.State.ExitCode}}", name).stdout.decode().strip()
+    logs = lab.logs(name)
+    timings["heroku stop with a stuck request"] = took
+    assert state == "0", f"exit {state} (137 = SIGKILLed):\n{logs[-3000:]}"
+    assert "timeout graceful shutdown exceeded" in logs and "SIGKILL" not in logs, logs[-3000:]
+    assert took < HEROKU_KILL_AFTER - 3, f"{took:.1f}s: too close to Heroku's SIGKILL"
+    lab.remove(name)

@@ -64,12 +64,14 @@ def test_health_check_paths_are_served_by_the_app():
     checks = {"render.yaml healthCheckPath": m.render_web()["healthCheckPath"]}
     for i, check in enumerate(m.fly()["http_service"].get("checks", [])):
         checks[f"fly.toml http_service.checks[{i}]"] = check["path"]
+    for name, check in (m.fly().get("checks") or {}).items():
+        checks[f"fly.toml checks.{name}"] = check["path"]
     health = re.search(r"/healthz", next(rest for instr, rest in m.dockerfile_instructions() if instr == "HEALTHCHECK"))
     assert health, "the Dockerfile HEALTHCHECK does not probe /healthz"
     checks["Dockerfile HEALTHCHECK"] = "/healthz"
     for where, path in checks.items():
         match = _served(path)
-        assert match.func.__module__ == "app.health", f"{where} points at {path}, served by {match.func.__module__}, not a health view"
+        assert match.func.__module__ in ("app.health", "app.probes"), f"{where} points at {path}, served by {match.func.__module__}, not a health view"
     assert m.fly()["http_service"].get("checks"), "fly.toml has no [[http_service.checks]]"
 
 
@@ -146,11 +148,15 @@ def test_fly_toml():
     assert 0 < svc["concurrency"]["soft_limit"] <= svc["concurrency"]["hard_limit"]
     allowed = [h.strip() for h in fly["env"]["ALLOWED_HOSTS"].split(",")]
     assert allowed[0] == f"{fly['app']}.fly.dev", "ALLOWED_HOSTS should start with the app's fly.dev name"
+    # Routing checks look at the process, not at the shared dependencies
+    # (README "Health checks"); the dependency check is top-level (no routing).
+    assert [c["path"] for c in svc["checks"]] == ["/startupz"]
     for check in svc["checks"]:
-        headers = check.get("headers", {})
-        assert headers.get("X-Forwarded-Proto") == "https", "Fly checks do not follow redirects"
-        assert headers.get("Host") in allowed, "Fly checks send the machine address as Host unless told otherwise"
-        assert check["path"] == "/readyz"
+        assert "headers" not in check, "health paths answer any Host: no Host override to rely on"
+    top = fly.get("checks") or {}
+    assert [c["path"] for c in top.values()] == ["/readyz"]
+    assert all(c["port"] == svc["internal_port"] and c["type"] == "http" for c in top.values())
+    assert fly["kill_signal"] == "SIGTERM", "gunicorn drains on SIGTERM; Fly's default is SIGINT"
     for secret in ("SECRET_KEY", "DATABASE_URL", "REDIS_URL"):
         assert secret not in fly.get("env", {}), f"{secret} belongs in `fly secrets`, not fly.toml"
 
@@ -175,6 +181,8 @@ def test_render_yaml():
         assert kv["ipAllowList"] == [], "keep Key Value private"
         assert kv["maxmemoryPolicy"] == "noeviction", "a channel layer must not be evicted"
     assert "PORT" not in env.values, "Render sets PORT=10000 itself"
+    # One check decides deploys, routing and restarts on Render: not /readyz.
+    assert web["healthCheckPath"] == "/startupz"
 
 
 def test_no_secret_values_in_manifests():

@@ -22,7 +22,9 @@ import pytest
 
 from tests.harness.contract import run_contract
 from tests.platforms import manifests as m
-from tests.platforms.infra import contract_each, http_get, new_secret_key, out
+from tests.platforms.checkers import (RENDER_INTERVAL, RENDER_RESTART_AFTER, RENDER_UNROUTE_AFTER, Checker, describe,
+                                      http_probe, redis_outage, run_together, stop_all, wait_all_passing)
+from tests.platforms.infra import contract_each, http_get, new_secret_key, out, sh
 
 SRC = "/opt/render/project/src"
 RENDER_PATH = f"{SRC}/.venv/bin:/usr/local/bin:/usr/bin:/bin"
@@ -91,6 +93,16 @@ def test_health_check_as_render_probes_it(render, lab):
     )
 
 
+def test_a_verified_custom_domain_passes_the_check_but_pages_need_allowed_hosts(render, lab):
+    """Once a custom domain is verified Render sends it as Host on every
+    health check. The check passes before ALLOWED_HOSTS knows the domain; the
+    pages answer it only after the step in deploy/render.md (400 before)."""
+    ip, custom = lab.ip(render["instance"]), "chat.example.org"
+    assert http_get(ip, m.RENDER_PORT, render["web"]["healthCheckPath"], {"Host": custom}, timeout=5).status == 200
+    assert http_get(ip, m.RENDER_PORT, "/accounts/login/", {"Host": custom, "X-Forwarded-Proto": "https"}).status == 400
+    assert http_get(ip, m.RENDER_PORT, "/accounts/login/", {"Host": render["host"], "X-Forwarded-Proto": "https"}).status == 200
+
+
 def test_listens_on_renders_port(render, lab):
     r = lab.exec(render["instance"], ["bash", "-c", "echo $PORT $DEBUG"])
     assert out(r).split() == [str(m.RENDER_PORT), "False"]
@@ -102,3 +114,42 @@ def test_contract(render, timings):
                   workers=int(render["env"].get("WEB_CONCURRENCY", 2)), port=m.RENDER_PORT,
                   redis=f"{render['kv'].host}:6379", host_header=render["host"], https_proxy=True)
     timings["render contract"] = time.monotonic() - start
+
+
+def test_a_redis_outage_neither_unroutes_nor_restarts(render, lab, timings):
+    """30 s of a frozen Key Value, with healthCheckPath acting as Render acts
+    on it (15 s failing: no traffic; 60 s: restart, done here with `docker
+    restart`): /startupz keeps passing, so the instance keeps its traffic and
+    is not restarted, while /readyz shows the outage. Control, in the same
+    outage: the previous render.yaml's healthCheckPath (/readyz) would have
+    taken the only instance out of rotation after 15 s (and restarted the
+    service had the outage lasted 60 s)."""
+    instance, path = render["instance"], render["web"]["healthCheckPath"]
+    healthy = lambda status: 200 <= status < 400  # noqa: E731  Render: 2xx or 3xx within 5 s
+
+    def probe(p):
+        return http_probe(lambda: http_get(lab.ip(instance), m.RENDER_PORT, p, {"Host": render["host"]}, timeout=5), healthy)
+
+    shipped = Checker(f"{instance} healthCheckPath {path}", probe=probe(path), interval=RENDER_INTERVAL,
+                      unroute_after=RENDER_UNROUTE_AFTER, restart_after=RENDER_RESTART_AFTER,
+                      on_restart=lambda: sh("docker", "restart", "-t", "30", instance))
+    readiness = Checker(f"{instance} /readyz (observed, no action)", probe=probe("/readyz"), interval=RENDER_INTERVAL, routing=False)
+    control = Checker(f"{instance} control: healthCheckPath /readyz", probe=probe("/readyz"), interval=RENDER_INTERVAL,
+                      unroute_after=RENDER_UNROUTE_AFTER, restart_after=RENDER_RESTART_AFTER)
+    everyone = [shipped, readiness, control]
+    run_together(everyone)
+    try:
+        wait_all_passing(everyone)
+        kv = render["kv"].name
+        start, end = redis_outage(lambda: sh("docker", "pause", kv), lambda: sh("docker", "unpause", kv))
+        deadline = time.monotonic() + 30
+        while not control.in_rotation and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        stop_all(everyone)
+    report = describe(everyone, start)
+    print(f"\nrender, Key Value frozen for {end - start:.0f} s:\n{report}")
+    assert shipped.failures() == 0 and not shipped.events and shipped.restarts == 0, report
+    assert readiness.failures() >= 2, "the outage was not visible to /readyz:\n" + report
+    assert control.first_out() is not None, "control: /readyz as healthCheckPath did not lose the traffic:\n" + report
+    timings["render outage: control out of rotation after"] = control.first_out() - start

@@ -30,7 +30,7 @@ def vm_workdir():
 def lab(vm_workdir):
     for tool in ("docker", "ssh", "ssh-keygen", "git"):
         assert shutil.which(tool), f"{tool} is required for tests/vm (apt-get install docker.io openssh-client git)"
-    lab = Lab(vm_workdir)
+    lab = Lab(vm_workdir, with_lb=True)
     start = time.monotonic()
     try:
         lab.start()
@@ -58,3 +58,14 @@ def host_logs(lab: Lab, lines: int = 40) -> str:
 
 def ssh(lab: Lab, host: str, command: str) -> subprocess.CompletedProcess:
     return subprocess.run(lab.ssh_command(lab.hosts[host], command), capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def deployed(lab, source):
+    """The first deploy of the three-host lab (shared by every tests/vm module)."""
+    run = lab.playbook(source)
+    TIMINGS["first deploy"] = run.seconds
+    assert run.returncode == 0, f"ansible-playbook failed:\n{run.output[-8000:]}\n{host_logs(lab)}"
+    assert set(run.recap) == {"web1", "web2", "data"}, run.recap
+    assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in run.recap.values()), run.recap
+    return run

@@ -63,10 +63,27 @@ class Host:
         return f"https://127.0.0.1:{self.ports[443]}"
 
 
-class Lab:
-    """web1 (Debian 12), web2 (Debian 13) and data (Debian 12: PostgreSQL + Redis)."""
+@dataclass
+class LoadBalancer:
+    """tests/vm/lb.py in a container: TLS on `port`, forwarding to web1:80."""
+    container: str
+    address: str = ""
+    published: int = 0
 
-    def __init__(self, workdir: Path):
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.published}"
+
+
+class Lab:
+    """web1 (Debian 12), web2 (Debian 13) and data (Debian 12: PostgreSQL + Redis),
+    and, with `with_lb`, a TLS-terminating load balancer in front of web1."""
+
+    LB_PORT = 8443
+
+    def __init__(self, workdir: Path, with_lb: bool = False):
+        self.with_lb = with_lb
+        self.lb: LoadBalancer | None = None
         self.prefix = f"cvm-{secrets.token_hex(3)}"
         self.network = f"{self.prefix}-net"
         self.workdir = workdir
@@ -106,6 +123,8 @@ class Lab:
             host.address = docker(
                 "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", host.container
             ).stdout.strip()
+        if self.with_lb:
+            self._start_lb()
         for host in self.hosts.values():
             self._wait_booted(host)
             host.sh(
@@ -115,6 +134,30 @@ class Lab:
         for host in self.hosts.values():
             self._wait_ssh(host)
         self.write_inventory()
+
+    def _start_lb(self):
+        """The load balancer's address must be known before the first deploy
+        (it goes into the inventory as nginx_trusted_proxies)."""
+        from tests.harness.debian_image import python_base_image
+
+        self.lb = LoadBalancer(f"{self.prefix}-lb")
+        cert, key = self.workdir / "lb.crt", self.workdir / "lb.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={DOMAIN}",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        docker("create", "--name", self.lb.container, "--network", self.network, "--network-alias", "lb",
+               "-p", f"127.0.0.1::{self.LB_PORT}", python_base_image(),
+               "python3", "/lb/lb.py", str(self.LB_PORT), "web1", "80", "/lb/lb.crt", "/lb/lb.key")
+        staging = self.workdir / "lb"
+        staging.mkdir(exist_ok=True)
+        shutil.copy2(Path(__file__).with_name("lb.py"), staging / "lb.py")
+        shutil.copy2(cert, staging / "lb.crt")
+        shutil.copy2(key, staging / "lb.key")
+        docker("cp", f"{staging}/.", f"{self.lb.container}:/lb")
+        docker("start", self.lb.container)
+        out = docker("port", self.lb.container, f"{self.LB_PORT}/tcp").stdout
+        self.lb.published = int(re.search(r"127\.0\.0\.1:(\d+)", out).group(1))
+        self.lb.address = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                                 self.lb.container).stdout.strip()
 
     def _wait_booted(self, host: Host, timeout=60):
         deadline = time.monotonic() + timeout
@@ -161,12 +204,16 @@ class Lab:
                 # The "VMs" are containers: Debian's redis unit sets
                 # PrivateUsers, which needs user namespaces a container lacks.
                 "redis_service_overrides": {"PrivateUsers": "false"},
+                # The lab's TLS-terminating load balancer in front of web1 (tests/vm/lb.py).
+                **({"nginx_trusted_proxies": [self.lb.address]} if self.lb else {}),
             },
             "children": groups,
         }}
         self.inventory.write_text(yaml.safe_dump(inventory, sort_keys=False))
 
     def stop(self):
+        if self.lb:
+            docker("rm", "-f", "-v", self.lb.container, check=False)
         for host in self.hosts.values():
             docker("rm", "-f", "-v", host.container, check=False)
         docker("network", "rm", self.network, check=False)

@@ -40,16 +40,6 @@ def endpoint(lab, name) -> Endpoint:
     return Endpoint(lab.hosts[name].https_url, DOMAIN, https_proxy=False, insecure=True)
 
 
-@pytest.fixture(scope="session")
-def deployed(lab, source):
-    run = lab.playbook(source)
-    TIMINGS["first deploy"] = run.seconds
-    assert run.returncode == 0, f"ansible-playbook failed:\n{run.output[-8000:]}\n{host_logs(lab)}"
-    assert set(run.recap) == {"web1", "web2", "data"}, run.recap
-    assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in run.recap.values()), run.recap
-    return run
-
-
 def test_first_deploy_changes_every_host(deployed):
     assert all(r["changed"] > 0 for r in deployed.recap.values()), deployed.recap
 
