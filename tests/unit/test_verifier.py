@@ -83,8 +83,9 @@ def test_session_cookie_check_passes_on_the_app_as_configured(signed_up):
 def test_session_cookie_check_fails_when_a_flag_is_off(signed_up, settings, setting, value, flag):
     setattr(settings, setting, value)
     ctx = context(f"http://{SITE}", https_proxy=True)
-    with pytest.raises(verify.CheckFailed, match=f"session cookie lacks .*{flag}"):
+    with pytest.raises(verify.CheckFailed, match=f"session cookie lacks .*{flag}") as failure:
         verify.check_session_cookie_after_login(ctx)
+    assert ctx.users[0].cookies["sessionid"] not in str(failure.value), "the session itself is printed"
 
 
 # --- the HTTPS redirect -------------------------------------------------------
