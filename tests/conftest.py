@@ -20,6 +20,7 @@ def pytest_addoption(parser):
     group.addoption("--https-proxy", action="store_true", help="act as a TLS-terminating proxy (X-Forwarded-Proto: https)")
     group.addoption("--insecure", action="store_true", help="accept a self-signed certificate")
     group.addoption("--second-url", help="a second instance for cross-instance fan-out")
+    group.addoption("--http-url", help="where plain HTTP answers, for the redirect check (needed when HTTPS is not on 443)")
     group.addoption("--expect-workers", type=int, default=2, help="Uvicorn workers per gunicorn master")
     group.addoption("--expect-port", type=int, default=8000, help="port gunicorn listens on, on the host")
     group.addoption("--redis", help="HOST:PORT of Redis as seen from the host")

@@ -29,5 +29,6 @@ def master(host, expected):
 def blackbox(request):
     opt = request.config.getoption
     return verify.build_context(
-        opt("--target-url"), opt("--target-host"), opt("--https-proxy"), opt("--insecure"), opt("--second-url")
+        opt("--target-url"), opt("--target-host"), opt("--https-proxy"), opt("--insecure"), opt("--second-url"),
+        opt("--http-url"),
     )

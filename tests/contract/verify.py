@@ -9,19 +9,21 @@ Without CHAT_VERIFY_USERS it signs up two throwaway users. Options for targets
 reached through a stand-in for the platform's router (tests on this machine):
 `--host` sends that Host (the public name) while connecting to URL,
 `--https-proxy` adds `X-Forwarded-Proto: https` as a TLS-terminating proxy
-would, `--insecure` accepts a self-signed certificate, and `--second-url`
-connects the second user through another instance (cross-host fan-out).
+would, `--insecure` accepts a self-signed certificate, `--second-url`
+connects the second user through another instance (cross-host fan-out), and
+`--http-url` says where plain HTTP answers when HTTPS is not on port 443 (the
+redirect check needs it: without it that check fails rather than guess).
 Prints one line per check and `N passed, N failed`; exits 1 on any failure.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.cookies
 import json
 import os
 import re
 import secrets
-import socket
 import ssl
 import sys
 import time
@@ -31,9 +33,9 @@ from urllib.parse import urlsplit
 
 import httpx
 from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect as ws_connect
 
-from tests.contract.tls import LockedTLSSocket
+from tests.contract import ws_client
+from tests.contract.ws_client import BlockingWebsocket
 
 TIMEOUT = 15.0
 
@@ -89,31 +91,26 @@ class Endpoint:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
-    def websocket(self, path: str, cookies: dict | None = None, origin: str | None = None):
+    def websocket(self, path: str, cookies: dict | None = None, origin: str | None = None) -> BlockingWebsocket:
         """Open a websocket to `path`; raises InvalidStatus if the handshake is refused."""
-        sock = socket.create_connection((self.split.hostname, self.split.port or (443 if self.split.scheme == "https" else 80)), timeout=TIMEOUT)
         extra = {}
         if cookies:
             extra["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
         if self.https_proxy:
             extra["X-Forwarded-Proto"] = "https"
-        ctx = self.ssl_context
-        if ctx:
-            # TLS on our side (tests/contract/tls.py: websockets' own TLS can hang
-            # a connect under TLS 1.3), so the URI says ws:// to websockets.
-            try:
-                sock = LockedTLSSocket(sock, ctx, server_hostname=self.host.split(":")[0])
-            except BaseException:
-                sock.close()
-                raise
-            sock.settimeout(None)
-        return ws_connect(
-            f"ws://{self.host}{path}",
-            sock=sock,
+        tls = self.split.scheme == "https"
+        options = {"ssl": self.ssl_context} if tls else {}
+        # The URI names the public host (Host header, TLS server name); host and
+        # port say where the TCP connection goes.
+        return ws_client.connect(
+            f"{'wss' if tls else 'ws'}://{self.host}{path}",
+            host=self.split.hostname,
+            port=self.split.port or (443 if tls else 80),
             origin=origin if origin is not None else self.origin,
             additional_headers=extra,
             open_timeout=TIMEOUT,
             close_timeout=2,
+            **options,
         )
 
 
@@ -123,6 +120,7 @@ class User:
     username: str
     password: str
     cookies: dict = field(default_factory=dict)
+    set_cookie: dict = field(default_factory=dict)  # cookie name -> its last Set-Cookie header
 
     def _keep(self, response: httpx.Response):
         for header in response.headers.get_list("set-cookie"):
@@ -130,6 +128,7 @@ class User:
             jar.load(header)
             for name, morsel in jar.items():
                 self.cookies[name] = morsel.value
+                self.set_cookie[name] = header
 
     def request(self, method, path, data=None, extra=None) -> httpx.Response:
         # Cookies are sent by hand: they are Secure, and a stand-in proxy may be plain HTTP.
@@ -187,9 +186,10 @@ def read_until(ws, predicate, timeout=TIMEOUT):
 class Context:
     """What the checks share: the endpoints, two logged-in users and a room."""
 
-    def __init__(self, endpoint: Endpoint, second: Endpoint | None = None):
+    def __init__(self, endpoint: Endpoint, second: Endpoint | None = None, http_url: str | None = None):
         self.endpoint = endpoint
         self.second = second or endpoint
+        self.http_url = http_url.rstrip("/") if http_url else None
 
     @cached_property
     def users(self) -> tuple[User, User]:
@@ -247,6 +247,21 @@ def check_debug_off(ctx: Context):
         expect(marker not in r.text, f"the 404 page shows debug output ({marker!r}): DEBUG is on")
 
 
+def cookie_flag_problems(set_cookie: str) -> list[str]:
+    """What is missing from one Set-Cookie header for a cookie that must stay
+    on HTTPS, out of scripts' reach and off cross-site requests."""
+    attributes = [part.strip() for part in set_cookie.split(";")[1:]]
+    names = {a.split("=", 1)[0].strip().lower(): a.split("=", 1)[1].strip() if "=" in a else "" for a in attributes}
+    problems = []
+    if "secure" not in names:
+        problems.append("Secure")
+    if "httponly" not in names:
+        problems.append("HttpOnly")
+    if names.get("samesite", "").lower() not in ("lax", "strict"):
+        problems.append("SameSite=Lax or Strict")
+    return problems
+
+
 def check_security_headers(ctx: Context):
     expect(ctx.endpoint.secure, "target is plain HTTP with no TLS proxy: pass an https URL or --https-proxy")
     with ctx.endpoint.client() as c:
@@ -262,19 +277,45 @@ def check_security_headers(ctx: Context):
     expect(all("secure" in c.lower() for c in cookies), f"a cookie without Secure: {cookies}")
 
 
+def check_session_cookie_after_login(ctx: Context):
+    """The cookie that *is* the login: Secure, HttpOnly, SameSite, as set by
+    the sign-up / log-in answer itself."""
+    user = ctx.users[0]
+    header = user.set_cookie.get("sessionid")
+    expect(header, f"logging in set no sessionid cookie (cookies set: {sorted(user.set_cookie)})")
+    problems = cookie_flag_problems(header)
+    shown = re.sub(r"^([^=]*=)[^;]*", r"\1<value>", header)  # a real account's session stays out of the output
+    expect(not problems, f"the session cookie lacks {', '.join(problems)}: {shown!r}")
+
+
+def plain_http_url(ctx: Context) -> str:
+    """Where plain HTTP answers for this target."""
+    ep = ctx.endpoint
+    if ctx.http_url:
+        return ctx.http_url
+    if ep.split.scheme == "https":
+        expect(ep.split.port in (None, 443),
+               f"HTTPS is on port {ep.split.port}: pass --http-url (where plain HTTP answers) to check the redirect")
+        hostname = ep.split.hostname
+        return f"http://[{hostname}]" if ":" in hostname else f"http://{hostname}"
+    expect(ep.https_proxy, "plain HTTP target without --https-proxy: cannot check the redirect")
+    return ep.url  # the same address, without X-Forwarded-Proto: https
+
+
 def check_https_redirect(ctx: Context):
     ep = ctx.endpoint
-    if ep.split.scheme == "https":
-        plain = Endpoint(f"http://{ep.split.netloc}", ep.host, False, ep.insecure)  # port 80 of the same front door
-        if ep.split.port not in (None, 443):
-            return  # a test proxy on a custom port: no plain-HTTP port to try
-    else:
-        expect(ep.https_proxy, "plain HTTP target without --https-proxy: cannot check the redirect")
-        plain = Endpoint(ep.url, ep.host, False, ep.insecure)
+    plain = dataclasses.replace(ep, url=plain_http_url(ctx), https_proxy=False)
+    path = "/accounts/login/?next=/"
     with plain.client() as c:
-        r = c.get("/accounts/login/", headers=plain.headers())
-    expect(r.status_code in (301, 302, 307, 308), f"plain HTTP was answered with {r.status_code}, not a redirect")
-    expect(r.headers.get("location", "").startswith(f"https://{ep.host}"), f"redirect to {r.headers.get('location')!r}")
+        r = c.get(path, headers=plain.headers())
+    expect(r.status_code in (301, 302, 307, 308), f"plain HTTP ({plain.url}) was answered with {r.status_code}, not a redirect")
+    location = urlsplit(r.headers.get("location", ""))
+    public = urlsplit(f"https://{ep.host}")
+    expect(
+        location.scheme == "https" and location.hostname == public.hostname and location.port in (public.port, None, 443)
+        and f"{location.path}?{location.query}" == path,
+        f"plain HTTP redirected to {r.headers.get('location')!r}, expected https://{ep.host}{path}",
+    )
 
 
 def check_websocket_url_points_here(ctx: Context):
@@ -340,6 +381,7 @@ CHECKS = [
     check_readiness,
     check_debug_off,
     check_security_headers,
+    check_session_cookie_after_login,
     check_https_redirect,
     check_websocket_url_points_here,
     check_foreign_origin_refused,
@@ -349,10 +391,10 @@ CHECKS = [
 ]
 
 
-def build_context(url, host=None, https_proxy=False, insecure=False, second_url=None) -> Context:
+def build_context(url, host=None, https_proxy=False, insecure=False, second_url=None, http_url=None) -> Context:
     first = Endpoint(url.rstrip("/"), host or urlsplit(url).netloc, https_proxy, insecure)
     second = Endpoint(second_url.rstrip("/"), host or urlsplit(second_url).netloc, https_proxy, insecure) if second_url else None
-    return Context(first, second)
+    return Context(first, second, http_url)
 
 
 def main(argv=None) -> int:
@@ -362,8 +404,9 @@ def main(argv=None) -> int:
     parser.add_argument("--https-proxy", action="store_true", help="send X-Forwarded-Proto: https")
     parser.add_argument("--insecure", action="store_true", help="accept a self-signed certificate")
     parser.add_argument("--second-url", help="connect the second user through this URL")
+    parser.add_argument("--http-url", help="where plain HTTP answers (default: port 80 of the URL's host, or the URL itself with --https-proxy)")
     args = parser.parse_args(argv)
-    ctx = build_context(args.url, args.host, args.https_proxy, args.insecure, args.second_url)
+    ctx = build_context(args.url, args.host, args.https_proxy, args.insecure, args.second_url, args.http_url)
     passed = failed = 0
     for check in CHECKS:
         name = check.__name__.removeprefix("check_")

@@ -48,6 +48,10 @@ URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*)://([^\s/:@\"'<>]*):([^\s/@\"']
 PRIVATE_KEY = re.compile(r"-----BEGIN ([A-Z ]*)PRIVATE KEY-----\s*\n\s*#?\s*([A-Za-z0-9+/=]{40,})")
 # NAME=value, NAME: value, NAME = "value", name value (config directives)
 TEXT_PAIR = re.compile(r"""(?P<name>[A-Za-z_][\w.-]*)["']?\s*(?:[:=]|\s)\s*["']?(?P<value>[^\s"',;#]+)""")
+# In source code only a quoted literal is a value (`KEY = "..."`, `{"KEY": "..."}`,
+# `setdefault("KEY", "...")`); `key = obj.attr(...)` is an expression.
+QUOTED_PAIR = re.compile(r"""(?P<name>[A-Za-z_][\w.-]*)["']?\s*[:=,]\s*(?P<q>["'])(?P<value>[^\s"']+)(?P=q)""")
+CODE_SUFFIXES = (".py", ".pyi", ".js", ".mjs", ".css", ".html", ".json", ".map", ".svg")
 PLACEHOLDER_WORDS = {"password", "pass", "passwd", "pw", "pwd", "secret"}
 
 
@@ -99,9 +103,11 @@ def secret_name(names) -> str | None:
 
 # --- scanners -----------------------------------------------------------------------
 
-def scan_text(text: str, where: str) -> list[Finding]:
-    """URLs with passwords, private keys and NAME=value pairs anywhere in the text (comments included)."""
+def scan_text(text: str, where: str, code: bool = False) -> list[Finding]:
+    """URLs with passwords, private keys and NAME=value pairs anywhere in the text (comments included);
+    in source code (`code`), only quoted values count as values."""
     found = []
+    pair = QUOTED_PAIR if code else TEXT_PAIR
     flat = JINJA.sub("{{T}}", text)
     for match in URL_PASSWORD.finditer(flat):
         if not url_password_is_placeholder(match.group(3)):
@@ -109,7 +115,7 @@ def scan_text(text: str, where: str) -> list[Finding]:
     for match in PRIVATE_KEY.finditer(text):
         found.append(Finding(where, f"{match.group(1)}PRIVATE KEY", match.group(2), "PEM private key"))
     for number, line in enumerate(flat.splitlines(), 1):
-        for match in TEXT_PAIR.finditer(line):
+        for match in pair.finditer(line):
             name, value = match.group("name"), match.group("value")
             if SECRET_NAME.search(name) and name.lower() not in STRUCTURAL and looks_random(value):
                 found.append(Finding(f"{where}:{number}", name, value, "random-looking value under a secret name"))
@@ -210,3 +216,81 @@ def leaks_in_log(text: str, secrets: dict[str, str]) -> list[str]:
         if hits:
             out.append(f"{name} appears in {len(hits)} log line(s), e.g. {hits[0][:160]!r}")
     return out
+
+
+# --- container images -------------------------------------------------------------
+
+# Files that should never be baked into an image, whatever they contain.
+SECRET_FILE_NAME = re.compile(
+    r"(^|/)(\.env(\.[^/]*)?|id_(rsa|dsa|ecdsa|ed25519)|[^/]*\.(pem|key|p12|pfx)|db\.sqlite3|\.git|\.netrc|\.pgpass"
+    r"|\.pypirc|\.git-credentials|\.dockercfg|\.docker/config\.json)$")
+TEXT_SIZE_LIMIT = 2_000_000
+
+
+@dataclass
+class ImageScan:
+    findings: list[Finding]
+    layers: int  # layers scanned (not counting skipped base layers)
+    files: int  # text files whose contents were scanned
+    names: int  # entries whose names were checked
+
+
+def scan_image_archive(archive: bytes, *, skip_diff_ids=frozenset(), names_only=()) -> ImageScan:
+    """Everything a `docker save` archive holds that a build can bake a secret into:
+    the image config (Env, Labels, Cmd, Entrypoint, Healthcheck, ...), the
+    history (every Dockerfile instruction as recorded), and every file of every
+    layer: a file added in one layer and deleted in a later one is still in
+    the image. It looks for secrets by their shape (the text scanners above)
+    and for file names that are secrets by nature; it is not told the values.
+
+    `skip_diff_ids`: layers of the base image (not built here); `names_only`:
+    path prefixes whose files are checked by name but not read (third-party
+    packages installed from the hash-locked lock)."""
+    import io
+    import tarfile
+
+    outer = tarfile.open(fileobj=io.BytesIO(archive))
+
+    def read(name: str) -> bytes:
+        member = outer.extractfile(outer.getmember(name))
+        assert member is not None, name
+        return member.read()
+
+    manifest = json.loads(read("manifest.json"))
+    assert len(manifest) == 1, "one image per archive"
+    config = json.loads(read(manifest[0]["Config"]))
+    found: list[Finding] = []
+    for key, value in (config.get("config") or {}).items():
+        if value:
+            found += scan_text("\n".join(value) if key == "Env" else json.dumps(value), f"config {key}")
+    for number, step in enumerate(config.get("history") or []):
+        found += scan_text(step.get("created_by", ""), f"history step {number}")
+    scan = ImageScan(found, 0, 0, 0)
+    diff_ids = config["rootfs"]["diff_ids"]
+    assert len(diff_ids) == len(manifest[0]["Layers"]), "manifest and config disagree on the layers"
+    for path, diff_id in zip(manifest[0]["Layers"], diff_ids):
+        if diff_id in skip_diff_ids:
+            continue
+        scan.layers += 1
+        layer = tarfile.open(fileobj=io.BytesIO(read(path)))
+        for entry in layer:
+            name = entry.name.removeprefix("./")
+            base = name.rsplit("/", 1)[-1]
+            if base.startswith(".wh."):
+                continue  # a deletion marker: the file it hides is still in its own layer
+            scan.names += 1
+            where = f"layer {diff_id[7:19]}: /{name}"
+            if SECRET_FILE_NAME.search(name):
+                found.append(Finding(where, "file name", base, "a file that holds secrets by nature"))
+            if not entry.isfile() or entry.size > TEXT_SIZE_LIMIT or name.startswith(tuple(names_only)):
+                continue
+            body = layer.extractfile(entry).read()
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                if b"PRIVATE KEY-----" in body:
+                    found.append(Finding(where, "PRIVATE KEY", "(binary)", "PEM private key marker in a binary file"))
+                continue
+            scan.files += 1
+            found += scan_text(text, where, code=name.endswith(CODE_SUFFIXES))
+    return scan

@@ -23,7 +23,7 @@ def expected_count(hosts: str) -> int:
 
 
 def run_contract(url: str, hosts: str, *, workers: int = 2, port: int = 8000, redis: str, host_header: str | None = None,
-                 https_proxy: bool = True, insecure: bool = False, second_url: str | None = None,
+                 https_proxy: bool = True, insecure: bool = False, second_url: str | None = None, http_url: str | None = None,
                  extra_args: tuple[str, ...] = (), env: dict | None = None, timeout: float = 300) -> str:
     args = [
         sys.executable, "-m", "pytest", "tests/contract", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
@@ -38,6 +38,8 @@ def run_contract(url: str, hosts: str, *, workers: int = 2, port: int = 8000, re
         args.append("--insecure")
     if second_url:
         args.append(f"--second-url={second_url}")
+    if http_url:
+        args.append(f"--http-url={http_url}")
     args += list(extra_args)
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     output = result.stdout + result.stderr

@@ -1,12 +1,14 @@
-"""The test suites' websocket client over TLS 1.3 (tests/contract/tls.py).
+"""The test suites' websocket client over TLS 1.3 (tests/contract/ws_client.py).
 
 A local TLS 1.3 server that sends session tickets, as nginx, Caddy and the
 platforms' routers do: every connect must complete, from several threads at
-once, and big frames, concurrent reads and writes and a server close must
-work through the locked TLS socket.
+once (none may hang), and big frames, concurrent reads and writes and a
+server close must work through the blocking facade over websockets' asyncio
+client. The server is websockets' asyncio server on its own event loop.
 """
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import subprocess
@@ -14,13 +16,13 @@ import threading
 import time
 
 import pytest
+from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.server import serve
 
-from tests.contract.tls import LockedTLSSocket
 from tests.contract.verify import Endpoint
+from tests.contract.ws_client import BlockingWebsocket
 
-THREADS, CONNECTS = 4, 500  # websockets' own TLS failed 9 and 17 of these 2,000 connects here
+THREADS, CONNECTS = 4, 500
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +36,26 @@ def tls_server(tmp_path_factory):
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     assert context.num_tickets == 2  # the tickets that set off the hang
 
-    def handler(ws):
-        for message in ws:
+    async def handler(ws):
+        async for message in ws:
             if message == "close please":
-                ws.close(1012, "restart")
+                await ws.close(1012, "restart")
                 return
-            ws.send(message)
+            await ws.send(message)
 
-    server = serve(handler, "127.0.0.1", 0, ssl=context)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield Endpoint(f"https://127.0.0.1:{server.socket.getsockname()[1]}", "localhost", https_proxy=False, insecure=True)
-    server.shutdown()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="tls-test-server", daemon=True)
+    thread.start()
+    async def start():
+        return await serve(handler, "127.0.0.1", 0, ssl=context)
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    port = server.sockets[0].getsockname()[1]
+    yield Endpoint(f"https://127.0.0.1:{port}", "localhost", https_proxy=False, insecure=True)
+    server.close()
+    asyncio.run_coroutine_threadsafe(server.wait_closed(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
 
 
 def test_many_connects_from_several_threads_all_complete(tls_server):
@@ -56,8 +67,8 @@ def test_many_connects_from_several_threads_all_complete(tls_server):
             started = time.monotonic()
             try:
                 with tls_server.websocket("/") as ws:
-                    assert isinstance(ws.socket, LockedTLSSocket)
-                    assert ws.socket.tls.version() == "TLSv1.3"
+                    assert isinstance(ws, BlockingWebsocket)
+                    assert ws.tls_version == "TLSv1.3"
                     ws.send(text)
                     assert ws.recv(timeout=5) == text
                 done.append(time.monotonic() - started)
@@ -79,7 +90,7 @@ def test_big_frames_and_reads_while_writing(tls_server):
     with tls_server.websocket("/") as ws:
         ws.send(big)
         assert ws.recv(timeout=10) == big
-        # One thread writes while websockets' thread reads the echoes.
+        # One thread writes while this one reads the echoes.
         texts = [f"m{i}" for i in range(300)]
         writer = threading.Thread(target=lambda: [ws.send(t) for t in texts])
         writer.start()

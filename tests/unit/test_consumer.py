@@ -1,4 +1,8 @@
-"""ChatConsumer through Channels' WebsocketCommunicator (in-memory layer)."""
+"""ChatConsumer through Channels' WebsocketCommunicator (in-memory layer).
+
+The handshake refusals of the whole application (Host, Origin, path, unknown
+route), each with a logged-in session and a positive control, are in
+test_handshake_guards.py."""
 import json
 
 import pytest
@@ -6,7 +10,6 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser, User
 
-from app.asgi import application
 from app.chat.models import Message, Room
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -40,23 +43,6 @@ async def send_json(comm, data):
 async def test_anonymous_is_refused():
     _, room = await make_user_and_room()
     comm = communicator(room.pk, AnonymousUser())
-    connected, _ = await comm.connect()
-    assert not connected
-
-
-async def test_foreign_origin_is_refused_by_the_full_stack():
-    user, room = await make_user_and_room()
-    comm = WebsocketCommunicator(application, f"/ws/rooms/{room.pk}/", headers=[(b"origin", b"https://evil.example")])
-    connected, _ = await comm.connect()
-    assert not connected
-
-
-async def test_unknown_path_and_unknown_room_are_refused():
-    user, room = await make_user_and_room()
-    comm = WebsocketCommunicator(application, "/ws/../etc/passwd", headers=[ORIGIN])
-    connected, _ = await comm.connect()
-    assert not connected
-    comm = communicator(room.pk + 1000, user)
     connected, _ = await comm.connect()
     assert not connected
 

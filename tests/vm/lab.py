@@ -62,6 +62,10 @@ class Host:
     def https_url(self) -> str:
         return f"https://127.0.0.1:{self.ports[443]}"
 
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[80]}"
+
 
 @dataclass
 class LoadBalancer:

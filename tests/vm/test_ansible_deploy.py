@@ -70,6 +70,7 @@ def test_contract_on_each_web_host(lab, deployed, name, other):
             https_proxy=False,
             insecure=True,
             second_url=lab.hosts[other].https_url,
+            http_url=lab.hosts[name].http_url,
             env=lab.environment(),
         )
     except AssertionError as exc:
@@ -122,19 +123,68 @@ def test_data_services_stay_private(lab, deployed):
     assert stored.startswith("SCRAM-SHA-256$"), stored[:20]
     hba = data.sh(sql % "SELECT DISTINCT auth_method FROM pg_hba_file_rules WHERE type <> 'local'").stdout.split()
     assert hba == ["scram-sha-256"], hba
-    # The app port: gunicorn binds 0.0.0.0; the unit's IP filter admits only
-    # loopback (nginx), and lets the app reach only PostgreSQL and Redis.
-    props = web1.sh("systemctl show chat -p IPAddressDeny -p IPAddressAllow").stdout
-    deny = next(line for line in props.splitlines() if line.startswith("IPAddressDeny="))
-    assert {"0.0.0.0/0", "::/0"} <= set(deny.split("=", 1)[1].split()), props
-    assert f"{data.address}/32" in props and "127.0.0.0/8" in props, props
-    local = ssh(lab, "web1", "timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/8000' && echo open")
-    assert "open" in local.stdout, local.stderr
-    # systemd enforces the filter with cgroup-v2 BPF (every Debian 12/13 VM);
-    # where the hosts run on cgroup v2, prove it from another host.
-    if web1.sh("stat -fc %T /sys/fs/cgroup").stdout.strip() == "cgroup2fs":
-        reach = data.sh(f"timeout 3 bash -c 'exec 3<>/dev/tcp/{web1.address}/8000' && echo open", check=False)
-        assert "open" not in reach.stdout, "web1:8000 is reachable from another host"
+
+
+def cgroup2_mount(host) -> str | None:
+    """Where the host's cgroup v2 hierarchy is mounted: /sys/fs/cgroup (unified
+    mode) or /sys/fs/cgroup/unified (systemd's hybrid mode, as on these lab
+    hosts, whose kernel runs cgroup v1 for the controllers). systemd attaches
+    its IPAddressDeny BPF programs there; in either mode they are enforced."""
+    mounts = host.sh("awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts").stdout.split()
+    return mounts[0] if mounts else None
+
+
+def reachable(source, address: str, port: int) -> bool:
+    probe = source.sh(f"timeout 3 bash -c 'exec 3<>/dev/tcp/{address}/{port}' && echo open", check=False)
+    return "open" in probe.stdout
+
+
+def app_port_probe(lab, name: str, prober: str) -> str | None:
+    """None if `prober` cannot reach gunicorn on `name` (bypassing nginx), else why.
+    Controls first, so that "unreachable" cannot come from a broken probe:
+    cgroup v2 is there for systemd's BPF filter, gunicorn listens on
+    0.0.0.0:8000 and answers on loopback, and nginx on the same host answers
+    `prober`."""
+    web, source = lab.hosts[name], lab.hosts[prober]
+    mount = cgroup2_mount(web)
+    assert mount, f"{name} has no cgroup v2 hierarchy: systemd cannot enforce IPAddressDeny, the app port would be open"
+    binds = {line.split()[3] for line in web.sh("ss -Hltn").stdout.splitlines()}
+    assert "0.0.0.0:8000" in binds, f"gunicorn does not listen on 0.0.0.0:8000 ({binds}): the probe would prove nothing"
+    local = ssh(lab, name, "timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/8000' && echo open")
+    assert "open" in local.stdout, f"control: the app port is not reachable on {name}'s loopback: {local.stderr}"
+    assert reachable(source, web.address, 443), f"control: {name}'s nginx (443) is not reachable from {prober}: the probe is broken"
+    if reachable(source, web.address, 8000):
+        props = web.sh("systemctl show chat -p IPAddressDeny -p IPAddressAllow").stdout.split()
+        return f"{name}:8000 (gunicorn, bypassing nginx) is reachable from {prober} (cgroup v2 at {mount}; {props})"
+    return None
+
+
+@pytest.mark.parametrize("name, prober", [("web1", "web2"), ("web2", "web1")])
+def test_app_port_isolation_holds_across_hosts(lab, deployed, name, prober):
+    """gunicorn binds 0.0.0.0:8000 (gunicorn.conf.py, one bind for every
+    target); the chat unit's IP filter (IPAddressDeny=any plus IPAddressAllow
+    of loopback, the database and Redis) must keep it from the other hosts:
+    proven by connecting from the other web host, beside the controls."""
+    problem = app_port_probe(lab, name, prober)
+    assert problem is None, f"{problem}: the unit's IP filter does not hold"
+    props = lab.hosts[name].sh("systemctl show chat -p IPAddressDeny -p IPAddressAllow").stdout
+    deny = next((line for line in props.splitlines() if line.startswith("IPAddressDeny=")), "")
+    assert {"0.0.0.0/0", "::/0"} <= set(deny.split("=", 1)[-1].split()), props
+    assert f"{lab.hosts['data'].address}/32" in props and "127.0.0.0/8" in props, props
+
+
+class AppPortOpen(AssertionError):
+    """The one failure the known gap below may show (a broken control fails the test)."""
+
+
+@pytest.mark.xfail(strict=True, raises=AppPortOpen, reason=(
+    "known gap: systemd's IPAddressAllow admits an address in both directions, so allowing the data host "
+    "(for PostgreSQL and Redis) also lets it connect to gunicorn:8000; fix in the product (bind gunicorn to "
+    "loopback on VMs, or an ingress-only filter), then drop this marker (strict: it fails once fixed)"))
+def test_app_port_isolation_from_the_data_host(lab, deployed):
+    problem = app_port_probe(lab, "web1", "data")
+    if problem:
+        raise AppPortOpen(problem)
 
 
 def test_rolling_redeploy_keeps_clients(lab, source, deployed):

@@ -84,6 +84,7 @@ def test_contract_on_the_single_host(deployed):
             host_header=DOMAIN,
             https_proxy=False,
             insecure=True,
+            http_url=vm.http_url,
             env=lab.environment(),
         )
     except AssertionError as exc:
