@@ -4,6 +4,7 @@ gunicorn reads this file from the working directory by itself, so Procfiles,
 systemd units, container commands and manifests say `gunicorn` and nothing
 else (a test fails if any of them spells flags of its own).
 """
+import ipaddress
 import os
 import sys
 
@@ -21,9 +22,20 @@ def _int(name, default):
     return number
 
 
+def _address(name, default):
+    value = os.environ.get(name, "").strip() or default
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        sys.exit(f"Configuration error: {name} must be an IP address (0.0.0.0, 127.0.0.1, ::), got {value!r}")
+    return f"[{value}]" if ":" in value else value
+
+
 wsgi_app = "app.asgi:application"
 worker_class = "app.uvicorn_worker.ChatUvicornWorker"
-bind = [f"0.0.0.0:{_int('PORT', 8000)}"]
+# Platforms route to the container's port, so every interface; on a VM nginx is
+# on the same host and LISTEN_ADDRESS=127.0.0.1 keeps the app port off the network.
+bind = [f"{_address('LISTEN_ADDRESS', '0.0.0.0')}:{_int('PORT', 8000)}"]
 workers = _int("WEB_CONCURRENCY", 2)
 
 # Uvicorn workers answer a heartbeat; `timeout` only kills a stuck worker.

@@ -37,7 +37,8 @@ def test_required_in_production(missing):
 @pytest.mark.parametrize(
     "name, value",
     [("DEBUG", "maybe"), ("WEB_CONCURRENCY", "two"), ("CHANNEL_LAYER", "memory"), ("REDIS_URL", "http://x"),
-     ("DATABASE_URL", "nonsense://x"), ("SECURE_HSTS_SECONDS", "-1"), ("CHAT_HISTORY", "0")],
+     ("DATABASE_URL", "nonsense://x"), ("SECURE_HSTS_SECONDS", "-1"), ("CHAT_HISTORY", "0"),
+     ("LISTEN_ADDRESS", "localhost:80")],
 )
 def test_bad_values_are_named_by_gunicorn_at_start(name, value):
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")

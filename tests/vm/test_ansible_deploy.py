@@ -143,13 +143,14 @@ def app_port_probe(lab, name: str, prober: str) -> str | None:
     """None if `prober` cannot reach gunicorn on `name` (bypassing nginx), else why.
     Controls first, so that "unreachable" cannot come from a broken probe:
     cgroup v2 is there for systemd's BPF filter, gunicorn listens on
-    0.0.0.0:8000 and answers on loopback, and nginx on the same host answers
-    `prober`."""
+    127.0.0.1:8000 (LISTEN_ADDRESS) and answers there, and nginx on the same
+    host answers `prober`."""
     web, source = lab.hosts[name], lab.hosts[prober]
     mount = cgroup2_mount(web)
     assert mount, f"{name} has no cgroup v2 hierarchy: systemd cannot enforce IPAddressDeny, the app port would be open"
     binds = {line.split()[3] for line in web.sh("ss -Hltn").stdout.splitlines()}
-    assert "0.0.0.0:8000" in binds, f"gunicorn does not listen on 0.0.0.0:8000 ({binds}): the probe would prove nothing"
+    app_binds = {b for b in binds if b.rsplit(":", 1)[-1] == "8000"}
+    assert app_binds == {"127.0.0.1:8000"}, f"gunicorn should listen on 127.0.0.1:8000 only, listens on {app_binds}"
     local = ssh(lab, name, "timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/8000' && echo open")
     assert "open" in local.stdout, f"control: the app port is not reachable on {name}'s loopback: {local.stderr}"
     assert reachable(source, web.address, 443), f"control: {name}'s nginx (443) is not reachable from {prober}: the probe is broken"
@@ -159,32 +160,19 @@ def app_port_probe(lab, name: str, prober: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("name, prober", [("web1", "web2"), ("web2", "web1")])
-def test_app_port_isolation_holds_across_hosts(lab, deployed, name, prober):
-    """gunicorn binds 0.0.0.0:8000 (gunicorn.conf.py, one bind for every
-    target); the chat unit's IP filter (IPAddressDeny=any plus IPAddressAllow
-    of loopback, the database and Redis) must keep it from the other hosts:
-    proven by connecting from the other web host, beside the controls."""
+@pytest.mark.parametrize("name, prober", [("web1", "web2"), ("web2", "web1"), ("web1", "data")])
+def test_app_port_is_not_reachable_from_other_hosts(lab, deployed, name, prober):
+    """Only nginx on the same host may reach gunicorn: it listens on loopback
+    (LISTEN_ADDRESS=127.0.0.1), and the chat unit's IP filter (IPAddressDeny=any
+    plus IPAddressAllow of loopback, the database and Redis) is a second fence.
+    Proven by connecting from the other web host and from the data host (which
+    the filter must allow for PostgreSQL and Redis), beside the controls."""
     problem = app_port_probe(lab, name, prober)
-    assert problem is None, f"{problem}: the unit's IP filter does not hold"
+    assert problem is None, problem
     props = lab.hosts[name].sh("systemctl show chat -p IPAddressDeny -p IPAddressAllow").stdout
     deny = next((line for line in props.splitlines() if line.startswith("IPAddressDeny=")), "")
     assert {"0.0.0.0/0", "::/0"} <= set(deny.split("=", 1)[-1].split()), props
     assert f"{lab.hosts['data'].address}/32" in props and "127.0.0.0/8" in props, props
-
-
-class AppPortOpen(AssertionError):
-    """The one failure the known gap below may show (a broken control fails the test)."""
-
-
-@pytest.mark.xfail(strict=True, raises=AppPortOpen, reason=(
-    "known gap: systemd's IPAddressAllow admits an address in both directions, so allowing the data host "
-    "(for PostgreSQL and Redis) also lets it connect to gunicorn:8000; fix in the product (bind gunicorn to "
-    "loopback on VMs, or an ingress-only filter), then drop this marker (strict: it fails once fixed)"))
-def test_app_port_isolation_from_the_data_host(lab, deployed):
-    problem = app_port_probe(lab, "web1", "data")
-    if problem:
-        raise AppPortOpen(problem)
 
 
 def test_rolling_redeploy_keeps_clients(lab, source, deployed):
