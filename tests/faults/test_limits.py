@@ -195,7 +195,7 @@ def test_1000_login_attempts_on_one_account(stack, second_host):
     # django-axes' own count of failed password checks for the account (in Redis,
     # through Django's cache); attempts refused by the lockout are not counted.
     counts = [int(redis_cli(stack.redis, "GET", key)) for key in redis_cli(stack.redis, "--scan", "--pattern", "chat:*axes*").split()]
-    checked = max(counts)
+    checked = max(counts, default=0)
     results.record(
         "limits-logins",
         scenario=f"{LOGIN_ATTEMPTS:,} wrong-password logins on one account from 50 addresses, 8 at a time, 2 gunicorns (django-axes, counts in Redis)",
@@ -206,8 +206,9 @@ def test_1000_login_attempts_on_one_account(stack, second_host):
         passwords_checked=checked, wrong=outcome["wrong"], locked=outcome["locked"], other=outcome["other"][:10], seconds=round(elapsed, 1),
     )
     assert not outcome["other"], outcome["other"][:10]
-    assert 10 <= checked <= 10 + 7, checked
-    assert outcome["wrong"] + outcome["locked"] == LOGIN_ATTEMPTS and outcome["wrong"] < checked
+    # at most the limit plus what was in flight (7 others) ever got past the lockout
+    assert outcome["wrong"] < 10 + 7 and outcome["wrong"] + outcome["locked"] == LOGIN_ATTEMPTS, outcome
+    assert 10 <= checked <= 10 + 7 and outcome["wrong"] < checked, checked
     assert right.status_code == 429 and other_account.status_code == 302
 
 
