@@ -27,6 +27,7 @@ from django.conf import settings
 
 KEY_PREFIX = "chat:limit:"
 TIMEOUT = 2.0  # seconds for one Redis round trip; longer counts as "Redis is down"
+POOL_SIZE = 32  # Redis connections per worker for the handshake limit
 
 # KEYS[1]: the bucket. ARGV[1]: milliseconds per token; ARGV[2]: burst window in ms.
 # Returns 0 when allowed, else the milliseconds until the next token.
@@ -162,7 +163,12 @@ def _async_script():
     if script is None or script[0] is not loop:
         import redis.asyncio
 
-        client = redis.asyncio.Redis.from_url(url, **_options())
+        # redis-py's default asyncio pool refuses the 101st concurrent command
+        # ("Too many connections"): a burst of handshakes would read as "Redis
+        # down". A blocking pool makes them wait their turn (one EVALSHA is
+        # well under a millisecond) and fails only after TIMEOUT.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=TIMEOUT, **_options())
+        client = redis.asyncio.Redis(connection_pool=pool)
         script = _clients[key] = (loop, client.register_script(GCRA))
     return script[1]
 

@@ -160,6 +160,45 @@ def test_1000_handshakes_from_one_address(stack, second_host, users, make_room):
     assert not log_problems(stack.gunicorn.log() + second_host.log())
 
 
+def test_a_burst_under_the_limit_is_all_accepted(stack, users, make_room):
+    """400 handshakes sent at once (under the limit): every one accepted. The
+    limit's Redis commands queue for a connection instead of failing (redis-py's
+    default asyncio pool refuses the 101st concurrent command: 1013 for them)."""
+    cookie = cookie_header(users[3])
+    path = f"/ws/rooms/{make_room()}/"
+    burst = 400
+    request = ("\r\n".join([f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{stack.port}", "Upgrade: websocket",
+                             "Connection: Upgrade", "Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode(),
+                             "Sec-WebSocket-Version: 13", "X-Forwarded-Proto: https",
+                             f"Origin: https://127.0.0.1:{stack.port}", f"Cookie: {cookie}"]) + "\r\n\r\n").encode()
+    sockets = [socket.create_connection(("127.0.0.1", stack.port), timeout=30, source_address=("127.0.0.8", 0))
+               for _ in range(burst)]
+    try:
+        for s in sockets:
+            s.sendall(request)
+        data = [s.recv(65536) for s in sockets]
+        time.sleep(1.0)  # an outage answer is a 101, then an error frame and close 1013
+        for n, s in enumerate(sockets):
+            s.setblocking(False)
+            try:
+                data[n] += s.recv(65536)
+            except BlockingIOError:
+                pass
+    finally:
+        for s in sockets:
+            s.close()
+    statuses = [int(d.split(b" ", 2)[1]) if d.startswith(b"HTTP/") else 0 for d in data]
+    statuses = ["unavailable" if b'data-error="unavailable"' in d else status for d, status in zip(data, statuses)]
+    counts = {status: statuses.count(status) for status in set(statuses)}
+    results.record(
+        "limits-burst",
+        scenario=f"{burst} handshakes sent at once from one address (under the limit), one gunicorn (2 workers)",
+        checked="all accepted: the limit's Redis round trips wait for a pooled connection instead of failing",
+        figure=", ".join(f"{n} x {status}" for status, n in sorted(counts.items(), key=str)),
+    )
+    assert counts == {101: burst}, counts
+
+
 # --- login attempts on one account -----------------------------------------------------------
 
 
