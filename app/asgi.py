@@ -8,7 +8,6 @@ django_asgi_app = get_asgi_application()  # before importing consumers: it sets 
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from app.channels_urls import router_patterns  # noqa: E402
 from app.chat.guard import WebsocketGuard  # noqa: E402
@@ -16,8 +15,10 @@ from app.chat.guard import WebsocketGuard  # noqa: E402
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        # WebsocketGuard: bad Host refused; database/Redis down at the handshake
-        # answered with an error frame and 1013 instead of a 500 (app/chat/guard.py).
-        "websocket": WebsocketGuard(AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(router_patterns)))),
+        # WebsocketGuard (app/chat/guard.py): path, Host and Origin (scheme, host
+        # and port) checked, handshakes per client address limited, all before
+        # the session lookup; database/Redis down at the handshake answered with
+        # an error frame and 1013 instead of a 500.
+        "websocket": WebsocketGuard(AuthMiddlewareStack(URLRouter(router_patterns))),
     }
 )

@@ -81,3 +81,29 @@ def get_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+SECRET_KEY_MIN_LENGTH = 40
+SECRET_KEY_MIN_DISTINCT = 10
+
+
+def secret_key_problem(value: str) -> str | None:
+    """Why a production SECRET_KEY is weak, or None.
+
+    At least 40 characters (Render's `generateValue` is a base64-encoded
+    256-bit value: 44 characters; Heroku's `secret` generator: 64 hex digits;
+    `secrets.token_urlsafe(50)`: 67), at least 10 different characters, no
+    spaces (a placeholder sentence such as "<generate: ...>"), and not a
+    key marked insecure (Django's "django-insecure-" keys, this project's dev
+    key). Django's own check (security.W009: 50 characters, 5 different) is
+    silenced in app/settings.py because this one refuses at start instead.
+    """
+    if len(value) < SECRET_KEY_MIN_LENGTH:
+        return f"it is {len(value)} characters long; use at least {SECRET_KEY_MIN_LENGTH} random characters"
+    if len(set(value)) < SECRET_KEY_MIN_DISTINCT:
+        return f"it has only {len(set(value))} different characters; use a random value"
+    if any(c.isspace() for c in value):
+        return "it contains spaces (a placeholder?); use a random value"
+    if "insecure" in value.lower():
+        return "it is marked insecure (a development or example key)"
+    return None

@@ -3,9 +3,13 @@
 /healthz touches nothing: a busy database must not get the pod killed.
 /readyz checks what serving a chat needs: a database query and a round trip
 through the channel layer, each under a short timeout, and answers 503 with
-the failing part named when either fails.
+the failing part named when either fails. Its result is computed at most
+once a second per process (requests meanwhile share it, also one still in
+flight), so a flood of /readyz is not a flood of database queries and Redis
+round trips.
 """
 import asyncio
+import time
 import uuid
 
 from asgiref.sync import sync_to_async
@@ -15,6 +19,7 @@ from django.http import JsonResponse
 from django.views.decorators.cache import never_cache
 
 CHECK_TIMEOUT = 2.0
+READY_CACHE_SECONDS = 1.0
 
 _probe = {"channel": None, "lock": None}
 
@@ -61,9 +66,28 @@ async def _check(coro_fn):
         return f"error: {type(exc).__name__}"
 
 
-async def readyz(request):
+_ready = {"at": 0.0, "result": None, "task": None}
+
+
+async def _run_checks():
     database = await _check(sync_to_async(_query_database, thread_sensitive=True))
     channel_layer = await _check(_round_trip)
+    _ready.update(at=time.monotonic(), result=(database, channel_layer))
+    return database, channel_layer
+
+
+async def _readiness():
+    if _ready["result"] is not None and time.monotonic() - _ready["at"] < READY_CACHE_SECONDS:
+        return _ready["result"]
+    loop = asyncio.get_running_loop()
+    task = _ready["task"]
+    if task is None or task.done() or task.get_loop() is not loop:
+        task = _ready["task"] = loop.create_task(_run_checks())
+    return await asyncio.shield(task)
+
+
+async def readyz(request):
+    database, channel_layer = await _readiness()
     ok = database == "ok" and channel_layer == "ok"
     response = JsonResponse(
         {"status": "ok" if ok else "unavailable", "checks": {"database": database, "channel_layer": channel_layer}},

@@ -3,8 +3,11 @@
 DEBUG defaults to False, so a deploy that forgets it gets production
 behaviour, never the dev-only Daphne app ("No module named 'daphne'").
 With DEBUG off, SECRET_KEY, ALLOWED_HOSTS, DATABASE_URL and REDIS_URL are
-required and a missing one stops start-up with a message naming it.
+required and a missing one stops start-up with a message naming it; so does
+an unsafe one: a weak SECRET_KEY, `ALLOWED_HOSTS=*` without ALLOW_ANY_HOST=True,
+a SQLite DATABASE_URL.
 """
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -22,11 +25,24 @@ SECRET_KEY = env.get_str(
     required=not DEBUG,
     why=_PROD,
 )
+if not DEBUG and (_weak := env.secret_key_problem(SECRET_KEY)):
+    raise env.ConfigError(
+        f"SECRET_KEY is weak: {_weak}. Generate one: python3 -c 'import secrets; print(secrets.token_urlsafe(50))'"
+    )
 ALLOWED_HOSTS = env.get_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
 if not ALLOWED_HOSTS:
     raise env.ConfigError(
         "ALLOWED_HOSTS is required when DEBUG is False: a comma-separated list of the host names "
         "users reach the app by (e.g. chat.example.com)."
+    )
+# "*" answers any Host (a forged Host then reaches password-reset links and
+# absolute URLs), so production needs an explicit yes for it. The websocket
+# Origin check stays on either way (app/chat/origin.py).
+ALLOW_ANY_HOST = env.get_bool("ALLOW_ANY_HOST", False)
+if not DEBUG and "*" in ALLOWED_HOSTS and not ALLOW_ANY_HOST:
+    raise env.ConfigError(
+        "ALLOWED_HOSTS contains '*', which accepts any Host header: list the host names users reach "
+        "(e.g. chat.example.com), or set ALLOW_ANY_HOST=True if your platform needs the wildcard."
     )
 
 # The host users reach, used for absolute ws:// / wss:// URLs through the Sites
@@ -57,6 +73,7 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",
+    "axes",
     "app.chat",
 ]
 
@@ -73,6 +90,10 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Logins and sign-ups per client address (HTTP 429); Redis down: 503.
+    "app.chat.throttle_http.ThrottleMiddleware",
+    # Last, as django-axes requires: turns its lockout into our 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "app.urls"
@@ -99,6 +120,11 @@ try:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
 except Exception as exc:  # dj-database-url raises several types for bad URLs
     raise env.ConfigError(f"DATABASE_URL is not a valid database URL: {exc}") from None
+if not DEBUG and DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # One file on one host: every other web host and every redeploy would see
+    # another database (or none).
+    raise env.ConfigError("DATABASE_URL points at SQLite, which is refused when DEBUG is False: use PostgreSQL "
+                          "(postgres://user:pass@host:5432/db).")
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env.get_bool("DATABASE_POOL", True):
     # A small per-process pool: the Uvicorn worker runs ORM calls on one
     # thread, so a few connections are enough and stay under small plans' limits.
@@ -114,11 +140,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Channel layer --------------------------------------------------------------
 REDIS_URL = env.get_str("REDIS_URL", None, required=not DEBUG, why=_PROD + " (the channel layer needs Redis)")
 CHANNEL_LAYER = env.get_choice("CHANNEL_LAYER", "pubsub", ("pubsub", "core"))
+REDIS_TLS_INSECURE = env.get_bool("REDIS_TLS_INSECURE", False)
 if REDIS_URL:
     if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
         raise env.ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {REDIS_URL.split(':')[0]!r}")
     _redis_host = {"address": REDIS_URL}
-    if REDIS_URL.startswith("rediss://") and env.get_bool("REDIS_TLS_INSECURE", False):
+    if REDIS_URL.startswith("rediss://") and REDIS_TLS_INSECURE:
         # Heroku's Key-Value Store presents a self-signed certificate.
         _redis_host["ssl_cert_reqs"] = "none"
     if env.get_bool("CHAT_RESYNC_ON_REDIS_RECONNECT", True):
@@ -148,6 +175,25 @@ else:
     # Only reachable with DEBUG on: one process, so one "room" for everybody.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Cache: Redis, so what it counts (django-axes' failed logins) is shared by
+# every worker and host; short timeouts so a dead Redis is an error, not a hang.
+if REDIS_URL:
+    _cache_options = {"socket_timeout": 2, "socket_connect_timeout": 2}
+    if REDIS_URL.startswith("rediss://") and REDIS_TLS_INSECURE:
+        _cache_options["ssl_cert_reqs"] = "none"
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "chat",
+            "OPTIONS": _cache_options,
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# The rate limits of app/chat/throttle.py (None: in-process buckets, DEBUG only).
+CHAT_LIMITS_REDIS_URL = REDIS_URL
+
 # Auth -----------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -155,6 +201,22 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# django-axes counts failed logins per account in the Redis cache above
+# (shared by every worker and host) and locks the account, whatever address
+# the attempts come from; per-address login limits are app/chat/throttle.py's.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"
+AXES_CACHE = "default"
+AXES_LOCKOUT_PARAMETERS = ["username"]
+AXES_FAILURE_LIMIT = env.get_int("CHAT_ACCOUNT_LOGIN_FAILURES", 10, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env.get_float("CHAT_ACCOUNT_LOCKOUT_MINUTES", 15.0, minimum=0.1))
+AXES_RESET_ON_SUCCESS = True
+# Attempts during a lockout do not extend it: the owner gets back in after
+# the cool-off even while a script keeps trying.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_CLIENT_IP_CALLABLE = "app.chat.throttle.request_address"  # REMOTE_ADDR, never a raw header
+AXES_LOCKOUT_CALLABLE = "app.chat.throttle_http.locked_out"
+AXES_VERBOSE = False  # no start-up banner in every manage.py command; failures are still logged
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:rooms"
 LOGOUT_REDIRECT_URL = "login"
@@ -195,11 +257,31 @@ CHAT_MAX_MESSAGE_LENGTH = env.get_int("CHAT_MAX_MESSAGE_LENGTH", 2000, minimum=1
 CHAT_HISTORY = env.get_int("CHAT_HISTORY", 50, minimum=1)
 CHAT_RATE_PER_SECOND = env.get_float("CHAT_RATE_PER_SECOND", 5.0, minimum=0.1)
 CHAT_RATE_BURST = env.get_int("CHAT_RATE_BURST", 10, minimum=1)
+# Limits shared by every worker and host (app/chat/throttle.py), far above what
+# a person does: per client address, websocket handshakes, login and sign-up
+# attempts; per user, rooms created.
+CHAT_ADDRESS_HANDSHAKES_PER_MINUTE = env.get_int("CHAT_ADDRESS_HANDSHAKES_PER_MINUTE", 600, minimum=1)
+CHAT_ADDRESS_LOGINS_PER_MINUTE = env.get_int("CHAT_ADDRESS_LOGINS_PER_MINUTE", 30, minimum=1)
+CHAT_ADDRESS_SIGNUPS_PER_HOUR = env.get_int("CHAT_ADDRESS_SIGNUPS_PER_HOUR", 30, minimum=1)
+CHAT_USER_ROOMS_PER_HOUR = env.get_int("CHAT_USER_ROOMS_PER_HOUR", 50, minimum=1)
+CHAT_ROOMS_PER_PAGE = env.get_int("CHAT_ROOMS_PER_PAGE", 50, minimum=1)
 # At most this many stored messages per room are sent to a socket after a Redis reconnect.
 CHAT_RESYNC_LIMIT = env.get_int("CHAT_RESYNC_LIMIT", 1000, minimum=1)
 # Seconds between resync passes in each worker (0: only after a Redis reconnect);
 # bounds how late a message stored by a worker killed before publishing it arrives.
 CHAT_RESYNC_INTERVAL = env.get_float("CHAT_RESYNC_INTERVAL", 30.0, minimum=0.0)
+
+SILENCED_SYSTEM_CHECKS = [
+    # SECRET_KEY: replaced by the start-time refusal above (env.secret_key_problem),
+    # which Render's generated key (44 characters) passes and W009 (50) would not.
+    "security.W009",
+    # django-axes wants "ip_address" among the lockout parameters; here the
+    # account is locked whatever the address (a distributed guesser), and
+    # addresses are limited by CHAT_ADDRESS_LOGINS_PER_MINUTE instead.
+    "axes.W006",
+    # DEBUG without Redis: one process, so an in-process cache is shared enough.
+    *(["axes.W001"] if not REDIS_URL else []),
+]
 
 LOGGING = {
     "version": 1,

@@ -10,7 +10,8 @@ for _name, _value in {
     "DEBUG": "False",
     "SECRET_KEY": "build-only-placeholder-not-a-secret-" + "x" * 32,
     "ALLOWED_HOSTS": "build.invalid",
-    "DATABASE_URL": "sqlite://:memory:",
+    # Never connected to (collectstatic needs no database; SQLite is refused with DEBUG off).
+    "DATABASE_URL": "postgres://build:placeholder@build.invalid:5432/none",
     "REDIS_URL": "redis://build.invalid:6379/0",
 }.items():
     os.environ.setdefault(_name, _value)

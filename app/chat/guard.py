@@ -10,6 +10,17 @@
   and close code 1013 (try again later: the page reconnects with ?after=),
   and the log gets one line instead of an "Exception in ASGI application"
   traceback and an HTTP 500 / close 1011.
+* A handshake without a Host header, or whose Origin is not one of this
+  site's origins (scheme, host and port: app/chat/origin.py), is refused
+  with HTTP 403.
+* Handshakes per client address are limited (CHAT_ADDRESS_HANDSHAKES_PER_MINUTE,
+  shared in Redis: app/chat/throttle.py) before the session lookup, the first
+  step that costs a database query. Over the limit the handshake gets HTTP
+  429 with Retry-After, before accept, through the ASGI "websocket.http.response"
+  extension (Uvicorn's websockets-sansio protocol, the production one, offers
+  it); a server without it (Daphne, dev only) gets an error frame
+  (`data-error="too_many_connections"`) and close 1008. If Redis cannot be
+  reached the limit refuses like any outage: error frame + 1013.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 from django.http.request import split_domain_port, validate_host
 
+from app.chat import origin, throttle
 from app.chat.rendering import error_frame
 
 log = logging.getLogger(__name__)
@@ -45,13 +57,25 @@ def _outage_errors() -> tuple[type[BaseException], ...]:
 
 
 OUTAGE_ERRORS = _outage_errors()
+TOO_MANY = "Too many connection attempts from your address; retry in {} s."
 
 
-def _host(scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"host":
-            return value.decode("latin-1")
-    return None
+async def refuse(send):
+    await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+
+
+async def too_many(scope, receive, send, retry_after: int):
+    text = TOO_MANY.format(retry_after)
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": 429,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"retry-after", str(retry_after).encode())]})
+        await send({"type": "websocket.http.response.body", "body": text.encode()})
+        return
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": error_frame("too_many_connections", text)})
+    await send({"type": "websocket.close", "code": 1008})
 
 
 class WebsocketGuard:
@@ -63,14 +87,15 @@ class WebsocketGuard:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        host = _host(scope)
-        if host is not None:
-            domain, _port = split_domain_port(host)
-            if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
-                await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
-                return
+            return await refuse(send)
+        host = origin.header(scope, b"host")
+        if host is None:
+            return await refuse(send)
+        domain, _port = split_domain_port(host)
+        if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+            return await refuse(send)
+        if not origin.allowed(scope):
+            return await refuse(send)
         state = {"accepted": False, "closed": False, "connect_read": False}
 
         async def tracked_receive():
@@ -88,8 +113,11 @@ class WebsocketGuard:
             await send(message)
 
         try:
+            verdict = await throttle.ahit(throttle.handshakes(), throttle.scope_address(scope))
+            if not verdict.allowed:
+                return await too_many(scope, receive, send, verdict.retry_after)
             return await self.app(scope, tracked_receive, tracked_send)
-        except OUTAGE_ERRORS as exc:
+        except (*OUTAGE_ERRORS, throttle.Unavailable) as exc:
             if state["closed"]:
                 raise
             log.warning("websocket %s: backend unavailable (%s: %s)", scope.get("path"), type(exc).__name__,

@@ -1,9 +1,14 @@
+import logging
+
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
+from django.core.paginator import Paginator
+from django.db import IntegrityError, transaction
 from django.shortcuts import get_object_or_404, redirect, render
 
+from app.chat import throttle
 from app.chat.forms import RoomForm
 from app.chat.models import Message, Room
 from app.chat.rendering import article_html_from
@@ -14,20 +19,58 @@ def signup(request):
     form = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
-        login(request, user)
+        # Several backends (django-axes' first): say which one vouches for the new user.
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("chat:rooms")
     return render(request, "registration/signup.html", {"form": form})
+
+
+log = logging.getLogger(__name__)
+
+TOO_MANY_ROOMS = "You created many rooms recently. Try again in {} minutes."
+ROOMS_UNAVAILABLE = "Rooms cannot be created right now. Try again in a few seconds."
+
+
+def _create_room(request, form):
+    """Save the room, or put the reason it was not created on the form: the
+    per-user limit (CHAT_USER_ROOMS_PER_HOUR), or a name another request took
+    between validation and INSERT. Returns (room or None, status, Retry-After)."""
+    try:
+        verdict = throttle.hit(throttle.rooms(), request.user.pk)
+    except throttle.Unavailable as exc:
+        log.warning("room creation refused: rate-limit store unavailable (%s)", exc)
+        form.add_error(None, ROOMS_UNAVAILABLE)
+        return None, 503, 5
+    if not verdict.allowed:
+        form.add_error(None, TOO_MANY_ROOMS.format(-(-verdict.retry_after // 60)))
+        return None, 429, verdict.retry_after
+    room = form.save(commit=False)
+    room.created_by = request.user
+    try:
+        with transaction.atomic():
+            room.save()
+    except IntegrityError:
+        if not Room.objects.filter(name=room.name).exists():
+            raise
+        log.info("room name %r was taken by a concurrent request", room.name)
+        form.add_error("name", room.unique_error_message(Room, ["name"]))
+        return None, 200, None
+    return room, 302, None
 
 
 @login_required
 def rooms(request):
     form = RoomForm(request.POST or None)
+    status, retry_after = 200, None
     if request.method == "POST" and form.is_valid():
-        room = form.save(commit=False)
-        room.created_by = request.user
-        room.save()
-        return redirect("chat:room", room_id=room.pk)
-    return render(request, "chat/rooms.html", {"rooms": Room.objects.all(), "form": form})
+        room, status, retry_after = _create_room(request, form)
+        if room is not None:
+            return redirect("chat:room", room_id=room.pk)
+    page = Paginator(Room.objects.only("id", "name"), settings.CHAT_ROOMS_PER_PAGE).get_page(request.GET.get("page"))
+    response = render(request, "chat/rooms.html", {"rooms": page, "page": page, "form": form}, status=status)
+    if retry_after:
+        response["Retry-After"] = str(retry_after)
+    return response
 
 
 @login_required

@@ -16,6 +16,8 @@ Then the [A] contract against the instance.
 """
 from __future__ import annotations
 
+import base64
+import os
 import time
 
 import pytest
@@ -50,7 +52,9 @@ def render(lab, base_image, svc_image, timings):
         "REDIS_URL": kv.redis_url().removesuffix("/0"),  # connectionString: redis://name:6379
     }
     env = dict(spec.values)
-    env.update({key: new_secret_key() for key in spec.generated})
+    # What Render generates for `generateValue: true`: "a base64-encoded 256-bit
+    # value" (its Blueprint reference), 44 characters: SECRET_KEY must start with it.
+    env.update({key: base64.b64encode(os.urandom(32)).decode() for key in spec.generated})
     for key in list(spec.from_database) + list(spec.from_service):
         env[key] = resolved[key]
     user_input = {"ALLOWED_HOSTS": public_host}

@@ -1,5 +1,6 @@
 """Settings come from the environment; bad or missing ones stop start-up
 with a message naming the variable (checked in real subprocesses)."""
+import base64
 import os
 import secrets
 import subprocess
@@ -73,3 +74,94 @@ def test_production_requirements_have_no_daphne_nor_test_tools():
 def test_check_deploy_passes_with_production_settings():
     result = run(GOOD, cmd=[sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- unsafe settings refuse to start ---------------------------------------------------
+
+# Render's Blueprint `generateValue: true` is "a base64-encoded 256-bit value"
+# (render.com/docs/blueprint-spec): 44 characters, shorter than the 50 that
+# Django's security.W009 asks for.
+RENDER_KEY = base64.b64encode(os.urandom(32)).decode()
+DEV_KEY = "dev-only-insecure-key-never-used-when-DEBUG-is-False-0123456789abcdef"
+UNSAFE = [
+    ("ALLOWED_HOSTS", "*"),
+    ("SECRET_KEY", "short-" + secrets.token_urlsafe(20)),
+    ("SECRET_KEY", DEV_KEY),
+    ("DATABASE_URL", "sqlite:///db.sqlite3"),
+]
+
+
+@pytest.mark.parametrize("value, weak", [
+    (RENDER_KEY, False),
+    (secrets.token_hex(32), False),  # e.g. openssl rand -hex 32
+    (secrets.token_urlsafe(50), False),
+    ("x" * 39 + "abcdefghi", False),
+    ("short-" + secrets.token_urlsafe(20), True),
+    ("ab" * 40, True),
+    ("django-insecure-" + secrets.token_urlsafe(40), True),
+    (DEV_KEY, True),
+    ("<generate: python3 -c 'import secrets; print(secrets.token_urlsafe(50))'>", True),
+])
+def test_what_counts_as_a_weak_secret_key(value, weak):
+    from app.env import secret_key_problem
+
+    assert (secret_key_problem(value) is not None) is weak
+
+
+def gunicorn_cmd():
+    return [os.path.join(os.path.dirname(sys.executable), "gunicorn")]
+
+
+@pytest.mark.parametrize("name, value", UNSAFE)
+def test_unsafe_settings_stop_manage_py_with_one_line(name, value):
+    result = run({**GOOD, name: value}, cmd=[sys.executable, "manage.py", "check"])
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Configuration error: {name} "), result.stderr
+    if name == "SECRET_KEY":
+        assert value not in result.stdout + result.stderr  # a secret is named, never printed
+
+
+@pytest.mark.parametrize("name, value", [UNSAFE[0], UNSAFE[1], UNSAFE[3]])
+def test_unsafe_settings_stop_gunicorns_master(name, value):
+    result = run({**GOOD, name: value, "PORT": "1"}, cmd=gunicorn_cmd())
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"Configuration error: {name} " in output
+    assert "Booting worker" not in output and "Traceback" not in output
+
+
+def test_wildcard_host_with_the_opt_in_and_safe_keys_pass_check_deploy():
+    for changes in ({"ALLOWED_HOSTS": "chat.example.com,*", "ALLOW_ANY_HOST": "True"},
+                    {"SECRET_KEY": RENDER_KEY}):
+        result = run({**GOOD, **changes}, cmd=[sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"])
+        assert result.returncode == 0, (changes.keys(), result.stdout + result.stderr)
+
+
+def test_development_keeps_its_conveniences():
+    dev = {"DEBUG": "True", "ALLOWED_HOSTS": "*", "SECRET_KEY": "short", "DATABASE_URL": "sqlite:///db.sqlite3"}
+    result = run(dev, cmd=[sys.executable, "manage.py", "check"])
+    assert result.returncode == 0, result.stderr
+
+
+def test_gunicorn_boots_with_renders_generated_key():
+    """Positive control for the master's refusal: the same command boots workers."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in GOOD and not k.startswith("DJANGO")}
+    env.update(GOOD, SECRET_KEY=RENDER_KEY, PORT=str(port), WEB_CONCURRENCY="1", DJANGO_SETTINGS_MODULE="app.settings")
+    proc = subprocess.Popen(gunicorn_cmd(), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = ""
+    try:
+        deadline = time.monotonic() + 30
+        while "Booting worker" not in output and time.monotonic() < deadline and proc.poll() is None:
+            output += proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGINT)  # quick shutdown
+        output += proc.communicate(timeout=30)[0]
+    assert "Booting worker" in output and "Configuration error" not in output, output

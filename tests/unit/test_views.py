@@ -120,3 +120,41 @@ def test_handler500_is_wired():
     from app import urls
 
     assert urls.handler500 == "app.errors.server_error"
+
+
+def test_room_list_is_paginated(client, alice, settings):
+    settings.CHAT_ROOMS_PER_PAGE = 50
+    Room.objects.bulk_create(Room(name=f"room {n:03d}") for n in range(120))
+    first = client.get("/", **HOST).content.decode()
+    assert first.count('<li><a href="/rooms/') == 50 and "room 000" in first and "room 050" not in first
+    assert 'href="?page=2"' in first and "Page 1 of 3" in first
+    last = client.get("/?page=3", **HOST).content.decode()
+    assert last.count('<li><a href="/rooms/') == 20 and "room 119" in last and 'rel="next"' not in last
+    # a page number that is not one shows a page, not an error
+    for bad in ("99", "abc", "-1"):
+        assert client.get(f"/?page={bad}", **HOST).status_code == 200
+
+
+def test_rooms_created_per_user_are_limited(client, alice, settings):
+    settings.CHAT_USER_ROOMS_PER_HOUR = 3
+    statuses = [client.post("/", {"name": f"spam {n}"}, **HOST).status_code for n in range(4)]
+    assert statuses == [302, 302, 302, 429]
+    refused = client.post("/", {"name": "spam 5"}, **HOST)
+    assert refused["Retry-After"] == "1200" and "You created many rooms recently" in refused.content.decode()
+    assert Room.objects.count() == 3
+    # positive control: another user still creates rooms
+    client.force_login(User.objects.create_user("bob", password="pw-unused-123"))
+    assert client.post("/", {"name": "bob's room"}, **HOST).status_code == 302
+
+
+def test_room_limit_store_down_is_a_form_error_not_a_500(client, alice, settings):
+    settings.CHAT_LIMITS_REDIS_URL = "redis://127.0.0.1:1/0"
+    r = client.post("/", {"name": "while redis is down"}, **HOST)
+    assert r.status_code == 503 and "Rooms cannot be created right now" in r.content.decode()
+    assert not Room.objects.exists()
+
+
+def test_a_taken_room_name_is_a_form_error(client, alice):
+    Room.objects.create(name="taken")
+    r = client.post("/", {"name": "taken"}, **HOST)
+    assert r.status_code == 200 and "Room with this Name already exists." in r.content.decode()

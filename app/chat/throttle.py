@@ -1,0 +1,223 @@
+"""Rate limits shared by every worker and host: handshakes, logins, sign-ups
+per client address; rooms created per user (README "Settings").
+
+Each limit is a GCRA token bucket ("N per period, bursts of N") kept in Redis
+by one Lua script, timed by Redis' own clock, so every gunicorn worker and
+every web host draws on the same budget. When Redis cannot be reached the
+limit fails safe: `Unavailable` is raised and the caller refuses (a 503 page,
+a form error, a websocket error frame), never "allow everything".
+
+The client address is the one Uvicorn puts in the ASGI scope (REMOTE_ADDR for
+Django), which honours X-Forwarded-For only from proxies gunicorn trusts
+(`FORWARDED_ALLOW_IPS`); no header is read here. An IPv6 client is counted
+by its /64, the block one subscriber gets.
+
+Without REDIS_URL (DEBUG only: `make run`) the buckets live in the process.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+
+KEY_PREFIX = "chat:limit:"
+TIMEOUT = 2.0  # seconds for one Redis round trip; longer counts as "Redis is down"
+POOL_SIZE = 32  # Redis connections per worker for the handshake limit
+
+# KEYS[1]: the bucket. ARGV[1]: milliseconds per token; ARGV[2]: burst window in ms.
+# Returns 0 when allowed, else the milliseconds until the next token.
+GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval
+if new_tat - now > window then
+  return math.ceil(new_tat - window - now)
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now))
+return 0
+"""
+
+
+class Unavailable(Exception):
+    """The shared store cannot be reached: refuse, do not guess."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    name: str
+    count: int  # per period; also the burst
+    period: float  # seconds
+
+    @property
+    def interval_ms(self) -> float:
+        return self.period * 1000.0 / self.count
+
+    @property
+    def window_ms(self) -> float:
+        return self.period * 1000.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    retry_after: int = 0  # whole seconds (at least 1 when refused)
+
+
+def handshakes() -> Limit:
+    return Limit("handshake", settings.CHAT_ADDRESS_HANDSHAKES_PER_MINUTE, 60)
+
+
+def logins() -> Limit:
+    return Limit("login", settings.CHAT_ADDRESS_LOGINS_PER_MINUTE, 60)
+
+
+def signups() -> Limit:
+    return Limit("signup", settings.CHAT_ADDRESS_SIGNUPS_PER_HOUR, 3600)
+
+
+def rooms() -> Limit:
+    return Limit("room", settings.CHAT_USER_ROOMS_PER_HOUR, 3600)
+
+
+def address_of(address: str | None) -> str:
+    """The bucket name of a client address (from the scope / REMOTE_ADDR)."""
+    if not address:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # a unix socket path or similar: one bucket per name
+        return address[:100]
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return f"{ipaddress.ip_network((ip, 64), strict=False).network_address}/64"
+    return str(ip)
+
+
+def scope_address(scope) -> str:
+    client = scope.get("client")
+    return address_of(client[0] if client else None)
+
+
+def request_address(request) -> str | None:
+    """For django-axes (AXES_CLIENT_IP_CALLABLE) and the views: REMOTE_ADDR only."""
+    return request.META.get("REMOTE_ADDR")
+
+
+def _verdict(wait_ms: int) -> Verdict:
+    return Verdict(True) if wait_ms <= 0 else Verdict(False, max(1, math.ceil(wait_ms / 1000)))
+
+
+def _key(limit: Limit, identity) -> str:
+    return f"{KEY_PREFIX}{limit.name}:{identity}"
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError, asyncio.TimeoutError, TimeoutError)
+
+
+# --- Redis -------------------------------------------------------------------
+
+_clients: dict = {}
+_clients_lock = threading.Lock()
+
+
+def _url() -> str | None:
+    return settings.CHAT_LIMITS_REDIS_URL
+
+
+def _options() -> dict:
+    options = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
+    if _url().startswith("rediss://") and settings.REDIS_TLS_INSECURE:
+        options["ssl_cert_reqs"] = "none"
+    return options
+
+
+def _sync_script():
+    url = _url()
+    with _clients_lock:
+        if ("sync", url) not in _clients:
+            import redis
+
+            client = redis.Redis.from_url(url, **_options())
+            _clients[("sync", url)] = client.register_script(GCRA)
+        return _clients[("sync", url)]
+
+
+def _async_script():
+    # redis-py's asyncio pool belongs to one event loop: one client per loop.
+    url, loop = _url(), asyncio.get_running_loop()
+    key = ("async", url, id(loop))
+    script = _clients.get(key)
+    if script is None or script[0] is not loop:
+        import redis.asyncio
+
+        # redis-py's default asyncio pool refuses the 101st concurrent command
+        # ("Too many connections"): a burst of handshakes would read as "Redis
+        # down". A blocking pool makes them wait their turn (one EVALSHA is
+        # well under a millisecond) and fails only after TIMEOUT.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=TIMEOUT, **_options())
+        client = redis.asyncio.Redis(connection_pool=pool)
+        script = _clients[key] = (loop, client.register_script(GCRA))
+    return script[1]
+
+
+# --- in-process (DEBUG without Redis) -------------------------------------------
+
+_memory: dict[str, float] = {}
+_memory_lock = threading.Lock()
+
+
+def _memory_hit(key: str, limit: Limit) -> int:
+    now = time.monotonic() * 1000.0
+    with _memory_lock:
+        tat = max(_memory.get(key, 0.0), now)
+        new_tat = tat + limit.interval_ms
+        if new_tat - now > limit.window_ms:
+            return math.ceil(new_tat - limit.window_ms - now)
+        _memory[key] = new_tat
+        return 0
+
+
+def reset_local() -> None:
+    """Empty the in-process buckets (tests)."""
+    with _memory_lock:
+        _memory.clear()
+
+
+# --- the API -------------------------------------------------------------------
+
+
+def hit(limit: Limit, identity) -> Verdict:
+    """Take one token from `identity`'s bucket (sync: views). Raises Unavailable."""
+    key = _key(limit, identity)
+    if _url() is None:
+        return _verdict(_memory_hit(key, limit))
+    try:
+        wait = _sync_script()(keys=[key], args=[limit.interval_ms, limit.window_ms])
+    except _store_errors() as exc:
+        raise Unavailable(f"{type(exc).__name__}: {exc}") from None
+    return _verdict(int(wait))
+
+
+async def ahit(limit: Limit, identity) -> Verdict:
+    """Take one token from `identity`'s bucket (async: the websocket guard). Raises Unavailable."""
+    key = _key(limit, identity)
+    if _url() is None:
+        return _verdict(_memory_hit(key, limit))
+    try:
+        wait = await asyncio.wait_for(_async_script()(keys=[key], args=[limit.interval_ms, limit.window_ms]), TIMEOUT)
+    except _store_errors() as exc:
+        raise Unavailable(f"{type(exc).__name__}: {exc}") from None
+    return _verdict(int(wait))
