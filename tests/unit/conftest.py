@@ -9,3 +9,13 @@ def fresh_rate_limits():
     throttle.reset_local()
     yield
     throttle.reset_local()
+
+
+@pytest.fixture(autouse=True)
+def fresh_readiness():
+    """/readyz reuses its result for a second: no test sees another test's answer."""
+    from app import health
+
+    health._ready.update(result=None, at=0.0, task=None)
+    yield
+    health._ready.update(result=None, at=0.0, task=None)

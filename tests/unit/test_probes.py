@@ -88,6 +88,7 @@ def test_startupz_checks_dependencies_until_they_passed_once(client, monkeypatch
             raise ConnectionError("redis down")
 
     monkeypatch.setattr("app.health._round_trip", fake_round_trip)
+    monkeypatch.setattr("app.health.READY_CACHE_SECONDS", 0.0)  # each call checks afresh
     r = client.get("/startupz", HTTP_HOST="10.0.3.7")
     assert r.status_code == 503 and r.json()["checks"]["channel_layer"] == "error: ConnectionError"
     assert not probes.started()
