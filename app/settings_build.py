@@ -11,7 +11,7 @@ for _name, _value in {
     "SECRET_KEY": "build-only-placeholder-not-a-secret-" + "x" * 32,
     "ALLOWED_HOSTS": "build.invalid",
     # Never connected to (collectstatic needs no database; SQLite is refused with DEBUG off).
-    "DATABASE_URL": "postgres://build:placeholder@build.invalid:5432/none",
+    "DATABASE_URL": "postgres://build.invalid:5432/none",
     "REDIS_URL": "redis://build.invalid:6379/0",
 }.items():
     os.environ.setdefault(_name, _value)

@@ -187,7 +187,7 @@ class Bench:
         try:
             clients = [[i, seeded["rooms"][i % a.rooms], seeded["sessions"][i]] for i in range(a.clients)]
             t = time.monotonic()
-            replies = gens.call([{"cmd": "connect", "base": f"ws://127.0.0.1:{stack.port}", "origin": "https://127.0.0.1",
+            replies = gens.call([{"cmd": "connect", "base": f"ws://127.0.0.1:{stack.port}", "origin": f"https://127.0.0.1:{stack.port}",
                                   "clients": part, "concurrency": 32, "timeout": min(120, self.left())}
                                  for part in split(clients, a.gen_procs)], timeout=min(150, self.left() + 30))
             connected = {c for r in replies for c in r["connected"]}
@@ -258,7 +258,7 @@ class Bench:
             rooms = seeded["rooms"]
             clients = [[i, rooms[(i // a.idle_room_size) % len(rooms)], seeded["sessions"][i]] for i in range(a.idle)]
             t = time.monotonic()
-            replies = gens.call([{"cmd": "connect", "base": f"ws://127.0.0.1:{stack.port}", "origin": "https://127.0.0.1",
+            replies = gens.call([{"cmd": "connect", "base": f"ws://127.0.0.1:{stack.port}", "origin": f"https://127.0.0.1:{stack.port}",
                                   "clients": part, "concurrency": 64, "timeout": min(240, self.left())}
                                  for part in split(clients, a.gen_procs)], timeout=min(300, self.left() + 60))
             connect_seconds = time.monotonic() - t

@@ -42,7 +42,9 @@ local new_tat = tat + interval
 if new_tat - now > window then
   return math.ceil(new_tat - window - now)
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now))
+-- at least 1 ms: with a huge rate, interval is below a double's precision at
+-- epoch milliseconds, new_tat == now, and PX 0 is an error.
+redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, math.ceil(new_tat - now)))
 return 0
 """
 

@@ -71,7 +71,9 @@ def test_the_contract_through_a_tls_terminating_load_balancer(lab, deployed):
     HTTP to web1:80): no redirect loop, secure cookies, wss:// URLs, a
     websocket through the balancer, the second user on web2's own nginx."""
     cmd = [sys.executable, "-m", "tests.contract.verify", lab.lb.https_url, "--host", DOMAIN, "--insecure",
-           "--second-url", lab.hosts["web2"].https_url]
+           "--second-url", lab.hosts["web2"].https_url,
+           # plain HTTP from an address that is not the balancer must be redirected
+           "--http-url", lab.hosts["web1"].http_url]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{host_logs(lab)}\n{lab_lb_logs(lab)}"
 
