@@ -2,8 +2,9 @@
 
 A Follower stays connected to one web host through its nginx and, when the
 connection drops (gunicorn closes websockets with 1012 on restart, or nginx
-answers 502 while the host is down), reconnects with `?after=<last id>` as the
-browser client does, so the server replays what it missed. A Sender posts
+answers 502 while the host is down), reconnects with `?after=<cursor>` as the
+browser client does (the highest seq below which it has every message:
+tests/harness/chat_client.Shown), so the server replays what it missed. A Sender posts
 numbered messages through whichever host answers. A Prober records /healthz of
 every host so the test can tell whether hosts were down at the same time.
 """
@@ -18,6 +19,7 @@ import time
 import httpx
 
 from tests.contract.verify import Endpoint, User, read_until
+from tests.harness.chat_client import Shown
 
 MSG = re.compile(r'data-msg-id="(\d+)"')
 
@@ -26,7 +28,7 @@ class Follower(threading.Thread):
     def __init__(self, name: str, endpoint: Endpoint, user: User, ws_path: str, stop: threading.Event):
         super().__init__(name=name, daemon=True)
         self.endpoint, self.user, self.ws_path, self.stop = endpoint, user, ws_path, stop
-        self.last_id = 0
+        self.shown = Shown()
         self.frames: list[str] = []
         self.connects = 0
         self.connect_log: list[str] = []  # "time after=<id>", for the failure report
@@ -39,15 +41,15 @@ class Follower(threading.Thread):
             return "\n".join(self.frames)
 
     def report(self) -> str:
-        return (f"{self.name}: connected {self.connect_log}, last id {self.last_id}, "
+        return (f"{self.name}: connected {self.connect_log}, cursor {self.shown.after}, "
                 f"last frame at {self.last_frame_at:.1f}, drops {self.drops}")
 
     def run(self):
         while not self.stop.is_set():
             try:
-                with self.endpoint.websocket(f"{self.ws_path}?after={self.last_id}", self.user.cookies) as ws:
+                with self.endpoint.websocket(f"{self.ws_path}?after={self.shown.after}", self.user.cookies) as ws:
                     self.connects += 1
-                    self.connect_log.append(f"{time.monotonic():.1f} after={self.last_id}")
+                    self.connect_log.append(f"{time.monotonic():.1f} after={self.shown.after}")
                     while not self.stop.is_set():
                         try:
                             frame = ws.recv(timeout=0.5)
@@ -56,8 +58,7 @@ class Follower(threading.Thread):
                         with self.lock:
                             self.frames.append(frame)
                             self.last_frame_at = time.monotonic()
-                        for match in MSG.finditer(frame):
-                            self.last_id = max(self.last_id, int(match.group(1)))
+                        self.shown.apply(frame)
             except Exception as exc:  # closed by a restart, 502 from nginx, refused ...
                 self.drops.append(f"{time.monotonic():.1f} {type(exc).__name__}: {str(exc)[:120]}")
                 time.sleep(0.3)
