@@ -1,18 +1,23 @@
 """The room websocket: validate, store once, render once, fan out.
 
-Reconnects miss nothing: the client connects with `?after=<last id it shows>`
-and the consumer joins the room group *before* it reads the stored messages
-after that id, so every message is either replayed or arrives live; ids seen
-in the replay are dropped from the live stream, so none arrives twice.
+Every message has a seq, its number in the room (models.Message): gap-free
+and committed in order, though two workers may *publish* them out of order.
+Each socket keeps a watermark of what it was sent (delivery.Delivered).
 
-Redis restarts do not close sockets: each consumer remembers the ids it sent
-and, when the worker's Redis connection comes back, sends what it missed from
-the database (app/chat/resync.py).
+Reconnects miss nothing: the page connects with `?after=<seq>`, the highest
+seq below which it shows every message (not the newest it shows: 100 may have
+arrived before 99). The consumer joins the room group *before* it reads the
+stored messages after that seq, so every message is either replayed or
+arrives live; a message both replayed and published is sent once, and the
+page drops one it already shows (a replay resends the ones it got early).
+
+Redis restarts do not close sockets: when the worker's Redis connection comes
+back, and every CHAT_RESYNC_INTERVAL seconds anyway, each socket is sent the
+stored messages above its watermark that it has not sent (app/chat/resync.py).
 """
 import json
 import logging
 import time
-from collections import deque
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -20,16 +25,18 @@ from django.conf import settings
 
 from app.chat import logfilters, resync
 from app.chat.guard import OUTAGE_ERRORS
+from app.chat.delivery import Delivered
 from app.chat.models import Message, Room
-from app.chat.rendering import article_html, article_html_from, error_frame, message_frame
+from app.chat.rendering import article_html, article_html_from, cursor_frame, error_frame, message_frame
 from app.chat.writer import store_message
 
 log = logging.getLogger(__name__)
 logfilters.install()
 
-# Ids a socket remembers having sent; larger than CHAT_RESYNC_LIMIT so that a
-# resync never sends one of the newest messages twice.
-RECENT_IDS = 4096
+# Seqs a socket holds above its watermark (sent while an older one is still
+# missing). A hole this old is not going to fill (its publish was lost and no
+# resync runs): the socket stops waiting for it and tells the client so.
+MAX_EARLY = 4096
 
 def log_failure(what: str, exc: Exception) -> None:
     """A backend outage is one warning line; anything else is a bug: traceback."""
@@ -107,25 +114,14 @@ def load_room(room_id):
 
 @database_sync_to_async
 def messages_after(room_id, after, limit):
+    """(seq, id, article) of the newest `limit` stored messages with seq > after,
+    oldest first. Seqs commit in order, so this is every message after `after`
+    that exists (or the newest `limit` of them), never a set with a hole that
+    a later commit fills."""
     rows = list(
-        Message.objects.filter(room_id=room_id, id__gt=after).select_related("author").order_by("-id")[:limit]
+        Message.objects.filter(room_id=room_id, seq__gt=after).select_related("author").order_by("-seq")[:limit]
     )
-    return [(m.id, article_html_from(m)) for m in reversed(rows)]
-
-
-@database_sync_to_async
-def messages_for_resync(room_id, after, limit):
-    """Like messages_after, with each message's creation time (epoch seconds)."""
-    rows = list(
-        Message.objects.filter(room_id=room_id, id__gt=after).select_related("author").order_by("-id")[:limit]
-    )
-    return [(m.id, article_html_from(m), m.created_at.timestamp()) for m in reversed(rows)]
-
-
-@database_sync_to_async
-def latest_id(room_id):
-    row = Message.objects.filter(room_id=room_id).order_by("-id").values_list("id", flat=True)[:1]
-    return row[0] if row else 0
+    return [(m.seq, m.id, article_html_from(m)) for m in reversed(rows)]
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -160,9 +156,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.group = room_group(self.room.pk)
         self.username = user.get_username()
-        self.sent_ids, self.sent_order = set(), deque()
-        self.recent_cap = max(RECENT_IDS, 2 * settings.CHAT_RESYNC_LIMIT)
-        self.base = None  # resync floor: set once the replay is done
+        self.delivered = None  # set by the replay; the resync skips the socket until then
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
         try:
             await self.channel_layer.group_add(self.group, self.channel_name)
@@ -177,55 +171,56 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def replay(self):
         after = self.after_param()
+        # The room was read before joining the group: its last_seq bounds the
+        # cursor. A client claiming more (a made-up value, another database)
+        # would otherwise never be sent the messages up to its claim.
+        known = self.room.last_seq
+        start = known if after is None else min(after, known)
         try:
-            if after is None:
-                rows, base = [], await latest_id(self.room.pk)
-            else:
-                rows = await messages_after(self.room.pk, after, settings.CHAT_HISTORY)
-                # More than a page missed: the older ones are skipped on purpose.
-                base = rows[0][0] - 1 if len(rows) >= settings.CHAT_HISTORY else after
+            rows = await messages_after(self.room.pk, start, settings.CHAT_HISTORY)
         except Exception as exc:
             log_failure("replay failed", exc)
             await self.send(text_data=error_frame("unavailable", "Could not load missed messages; reconnecting."))
             await self.close(code=1013)
             return
-        for message_id, article in rows:
-            await self.deliver(message_id, message_frame(article))
-        self.base = base
+        self.delivered = Delivered(start)
+        # More than a page missed: the older ones are skipped on purpose.
+        await self.catch_up(rows)
         resync.register(self)
 
-    def remember(self, message_id) -> bool:
-        """Record an id as sent; False if it was sent already."""
-        if message_id in self.sent_ids:
-            return False
-        if len(self.sent_order) >= self.recent_cap:
-            self.sent_ids.discard(self.sent_order.popleft())
-        self.sent_order.append(message_id)
-        self.sent_ids.add(message_id)
-        return True
-
-    async def deliver(self, message_id, frame) -> bool:
-        if not self.remember(message_id):
+    async def deliver(self, seq, frame) -> bool:
+        """Send a message frame unless this socket was sent that seq already."""
+        if not self.delivered.add(seq):
             return False
         await self.send(text_data=frame)
+        early = self.delivered.above
+        if len(early) > MAX_EARLY:
+            await self.skip_to(min(early) - 1)
         return True
 
-    async def catch_up(self, rows, settled_before: float) -> int:
-        """Send stored messages this socket missed (resync: app/chat/resync.py).
+    async def skip_to(self, seq) -> None:
+        if self.delivered.advance_to(seq):
+            await self.send(text_data=cursor_frame(seq))
 
-        The floor only moves past messages created before `settled_before`: a
-        younger one may have a smaller id than a message still being written."""
+    async def catch_up(self, rows) -> int:
+        """Send the rows (messages_after: every stored message of the room after
+        some seq <= this socket's watermark, or the newest of them) that this
+        socket was not sent; used by the replay and the resync.
+
+        No guessing: seqs are gap-free and commit in order, so the rows are all
+        that exists up to the last one, and the watermark moves there. A stored
+        message not in the rows has a higher seq and is still on its way
+        (published after its commit, or sent by the next resync)."""
+        if not rows:
+            return 0
         sent = 0
-        top = self.base
-        for message_id, article, created in rows:
-            if created < settled_before:
-                top = max(top, message_id)
-            if message_id > self.base and message_id not in self.sent_ids:
-                try:
-                    sent += await self.deliver(message_id, message_frame(article))
-                except Exception:  # the socket closed meanwhile
-                    return sent
-        self.base = top
+        try:
+            await self.skip_to(rows[0][0] - 1)  # older ones were cut off by the read's limit
+            for seq, _, article in rows:
+                sent += await self.deliver(seq, message_frame(article))
+            await self.skip_to(rows[-1][0])  # holes among the rows: deleted messages
+        except Exception:  # the socket closed meanwhile
+            pass
         return sent
 
     def after_param(self):
@@ -263,17 +258,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
             log_failure("storing a message failed", exc)
             await self.send(text_data=error_frame("not_saved", "Your message was not saved; try again."))
             return
-        frame = message_frame(article_html(message.id, self.username, body, message.created_at.isoformat()))
+        frame = message_frame(article_html(message.id, message.seq, self.username, body, message.created_at.isoformat()))
         try:
-            await self.channel_layer.group_send(self.group, {"type": "chat.message", "id": message.id, "html": frame})
+            await self.channel_layer.group_send(
+                self.group, {"type": "chat.message", "id": message.id, "seq": message.seq, "html": frame})
         except Exception as exc:
             # Stored, so every socket gets it from the resync once Redis is
             # back (or from the replay when it reconnects); the sender sees it now.
             log_failure(f"fan-out failed for message {message.id}", exc)
-            await self.deliver(message.id, frame)
+            await self.deliver(message.seq, frame)
 
     async def chat_message(self, event):
-        await self.deliver(event["id"], event["html"])
+        await self.deliver(event["seq"], event["html"])
 
 
 class RejectConsumer(AsyncWebsocketConsumer):

@@ -13,13 +13,18 @@ knows what was missed:
   returns, so the resync waits RESYNC_DELAY before it reads the database:
   anything published after that read arrives live.
 * the resync reads, with one query per room that has sockets in this
-  process, the newest CHAT_RESYNC_LIMIT messages after the lowest floor of
-  those sockets, and every socket sends the ones it has not sent yet (each
-  consumer remembers the ids it sent; see ChatConsumer.deliver).
+  process, the newest CHAT_RESYNC_LIMIT messages after the lowest watermark
+  of those sockets, and every socket sends the ones it has not sent yet
+  (app/chat/delivery.py); then each socket's watermark moves to the last seq
+  read. That is exact, not a guess: a room's seqs are gap-free and commit in
+  order (app/chat/writer.py), so the read holds every stored message up to
+  its last seq, and one still being written has a higher seq and is read by
+  the next pass (or arrives live).
 * every CHAT_RESYNC_INTERVAL seconds the same resync runs anyway: a worker
   killed between storing a message and publishing it (SIGKILL, OOM) leaves a
-  stored message nobody was told about; the next periodic pass sends it.
-  Each pass reads only messages after the floor of the previous one.
+  stored message nobody was told about, and worker B may publish seq 100
+  while worker A's 99 is lost; the next periodic pass sends it. Each pass
+  reads only messages after the watermarks the previous one left.
 * it also drops PubSub subscriptions nobody uses any more (an unsubscribe
   that failed while Redis was down would otherwise be re-subscribed on every
   reconnect and accumulate).
@@ -37,7 +42,6 @@ import time
 log = logging.getLogger(__name__)
 
 RESYNC_DELAY = 0.5  # seconds: let the PubSub re-subscribe before reading the database
-SETTLE = 5.0  # seconds: a message older than this is committed or never will be
 RETRY_DELAY = 2.0
 MAX_ATTEMPTS = 90  # ~3 minutes of retries; after that the next periodic pass (or reconnect) tries again
 
@@ -129,19 +133,20 @@ async def _run() -> None:
 async def resync_all() -> tuple[int, int]:
     from django.conf import settings
 
-    from app.chat.consumers import messages_for_resync
+    from app.chat.consumers import messages_after
 
     rooms = sent = 0
     for room_id, members in list(_rooms.items()):
-        live = [c for c in members if getattr(c, "base", None) is not None]
+        # Only sockets whose watermark is known *before* the read: each is at
+        # or above the floor, so the rows cover everything it may miss.
+        live = [c for c in members if getattr(c, "delivered", None) is not None]
         if not live:
             continue
-        floor = min(c.base for c in live)
-        rows = await messages_for_resync(room_id, floor, settings.CHAT_RESYNC_LIMIT)
-        settled_before = time.time() - SETTLE
+        floor = min(c.delivered.upto for c in live)
+        rows = await messages_after(room_id, floor, settings.CHAT_RESYNC_LIMIT)
         rooms += 1
         for consumer in live:
-            sent += await consumer.catch_up(rows, settled_before)
+            sent += await consumer.catch_up(rows)
     return rooms, sent
 
 

@@ -77,7 +77,7 @@ def rooms(request):
 def room(request, room_id):
     room = get_object_or_404(Room, pk=room_id)
     recent = list(
-        Message.objects.filter(room=room).select_related("author").order_by("-id")[: settings.CHAT_HISTORY]
+        Message.objects.filter(room=room).select_related("author").order_by("-seq")[: settings.CHAT_HISTORY]
     )[::-1]
     ws_path = websocket_reverse("ws_group_chat", args=[room.pk])
     return render(
@@ -86,7 +86,9 @@ def room(request, room_id):
         {
             "room": room,
             "articles": [article_html_from(m) for m in recent],
-            "last_id": recent[-1].pk if recent else 0,
+            # The page's reconnect cursor starts here: every message up to
+            # this seq is shown or older than the history shown (room.js).
+            "last_seq": recent[-1].seq if recent else 0,
             # The page connects with the path (htmx-ext-ws makes it ws/wss of
             # the current page, right behind any proxy); the absolute URL from
             # the Site domain is published for other clients and checked by

@@ -4,23 +4,137 @@ Each worker runs the ORM on one thread (thread-sensitive sync_to_async), so
 every `Message.objects.create` is a thread hop plus an INSERT, one after the
 other; under load the sockets of a worker queue behind that thread. Here the
 messages that arrive while a batch is being written go into the next batch,
-written with one `bulk_create` (PostgreSQL returns the ids): the batch size
-follows the load, and a lone message is written at once, as before.
+written with one statement: the batch size follows the load, and a lone
+message is written at once, as before.
+
+Sequence numbers (Message.seq): the same statement locks the batch's rooms
+(in id order, so two workers' batches cannot deadlock), raises each room's
+`last_seq` by the number of its messages in the batch (one UPDATE row per
+room, not per message) and inserts the messages numbered from the old value.
+The lock is held until the statement's transaction commits, so a room's seqs
+are gap-free and commit in order: any reader sees seqs 1..N of a room, never
+N+1 without N. That is what makes "everything after seq N" a safe cursor for
+the replay and the resync (app/chat/consumers.py), whatever order two workers
+commit or publish in.
+
+A bad row fails alone: a message for a room that no longer exists is simply
+not inserted (its room is not locked, so it gets no seq) and its sender gets
+the error; if the batch statement fails on data (an author deleted meanwhile:
+a foreign-key error, ...), each message of the batch is written on its own so
+everybody else's is stored. An outage (the database is down) fails the whole
+batch at once: retrying row by row would only wait N times as long.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import defaultdict
 
 from channels.db import database_sync_to_async
+from django.db import DataError, IntegrityError, connection, transaction
+from django.db.models import F
+from django.utils import timezone
 
-from app.chat.models import Message
+from app.chat.models import Message, Room
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
 
+# One round trip for the whole batch (PostgreSQL). `locked` takes the room rows
+# in id order (ORDER BY is applied before FOR UPDATE locks); `bumped` is only
+# ever joined to rows `locked` already holds, so every lock is taken in order.
+INSERT_BATCH = """
+WITH batch AS (
+    SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::timestamptz[], %s::integer[])
+        AS b(room_id, author_id, body, created_at, k)
+), counts AS (
+    SELECT room_id, count(*) AS n FROM batch GROUP BY room_id
+), locked AS (
+    SELECT r.id FROM chat_room r WHERE r.id IN (SELECT room_id FROM counts) ORDER BY r.id FOR UPDATE
+), bumped AS (
+    UPDATE chat_room r SET last_seq = r.last_seq + c.n
+    FROM locked l JOIN counts c ON c.room_id = l.id
+    WHERE r.id = l.id
+    RETURNING r.id, r.last_seq - c.n AS base
+)
+INSERT INTO chat_message (room_id, author_id, body, created_at, seq)
+SELECT b.room_id, b.author_id, b.body, b.created_at, bumped.base + b.k
+FROM batch b JOIN bumped ON bumped.id = b.room_id
+ORDER BY b.room_id, b.k
+RETURNING id, room_id, seq
+"""
+
+
+class RoomGone(Exception):
+    """The message's room was deleted before the message was written."""
+
+
+def _numbered(messages: list[Message]) -> list[int]:
+    """k = 1, 2, 3 ... for each room's messages, in arrival order."""
+    counter: dict[int, int] = defaultdict(int)
+    ks = []
+    for m in messages:
+        counter[m.room_id] += 1
+        ks.append(counter[m.room_id])
+    return ks
+
+
+def _insert_postgresql(messages: list[Message]) -> None:
+    ks = _numbered(messages)
+    with connection.cursor() as cursor:
+        cursor.execute(INSERT_BATCH, [
+            [m.room_id for m in messages], [m.author_id for m in messages], [m.body for m in messages],
+            [m.created_at for m in messages], ks,
+        ])
+        rows = cursor.fetchall()
+    # A room's messages got base+1 .. base+n in k order: the k-th smallest
+    # returned seq of a room is its k-th message.
+    by_room: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for message_id, room_id, seq in rows:
+        by_room[room_id].append((seq, message_id))
+    for returned in by_room.values():
+        returned.sort()
+    for m, k in zip(messages, ks):
+        returned = by_room.get(m.room_id)
+        if returned:
+            m.seq, m.pk = returned[k - 1]
+
+
+def _insert_portable(messages: list[Message]) -> None:
+    """The same numbering for SQLite (`make run`, unit tests), where a write
+    transaction locks the whole database: a few statements, no round trips."""
+    counts: dict[int, int] = defaultdict(int)
+    for m in messages:
+        counts[m.room_id] += 1
+    with transaction.atomic():
+        base = {}
+        for room_id in sorted(counts):
+            if Room.objects.filter(pk=room_id).update(last_seq=F("last_seq") + counts[room_id]):
+                base[room_id] = Room.objects.filter(pk=room_id).values_list("last_seq", flat=True).get() - counts[room_id]
+        keep = []
+        for m, k in zip(messages, _numbered(messages)):
+            if m.room_id in base:
+                m.seq = base[m.room_id] + k
+                keep.append(m)
+        Message.objects.bulk_create(keep)
+
 
 @database_sync_to_async
-def _insert(messages):
-    return Message.objects.bulk_create(messages)
+def _insert(messages: list[Message]) -> None:
+    """Write `messages` and set seq and pk on those stored; a message whose room
+    is gone is left without them."""
+    for m in messages:
+        m.seq = m.pk = None  # a retry starts clean (a rolled-back attempt may have set them)
+    if connection.vendor == "postgresql":
+        _insert_postgresql(messages)
+    else:
+        _insert_portable(messages)
+
+
+# A batch failing with one of these is retried row by row; anything else (the
+# database is down: OperationalError, InterfaceError, a pool timeout) fails it.
+DATA_ERRORS = (IntegrityError, DataError)
 
 
 class BatchWriter:
@@ -30,7 +144,8 @@ class BatchWriter:
 
     async def store(self, room_id, user_id, body) -> Message:
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((Message(room_id=room_id, author_id=user_id, body=body), future))
+        message = Message(room_id=room_id, author_id=user_id, body=body, created_at=timezone.now())
+        self.pending.append((message, future))
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._drain())
         return await future
@@ -39,7 +154,15 @@ class BatchWriter:
         while self.pending:
             batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
             try:
-                await _insert([message for message, _ in batch])
+                try:
+                    await _insert([message for message, _ in batch])
+                except DATA_ERRORS as exc:
+                    if len(batch) == 1:
+                        raise
+                    log.warning("a batch of %d messages failed (%s); writing them one by one", len(batch),
+                                type(exc).__name__)
+                    await self._one_by_one(batch)
+                    continue
             except Exception as exc:  # the database is down: every waiter of this batch gets the error
                 for _, future in batch:
                     if not future.done():
@@ -52,15 +175,38 @@ class BatchWriter:
                 raise
             else:
                 for message, future in batch:
-                    if not future.done():
-                        future.set_result(message)
+                    self._settle(message, future)
+
+    async def _one_by_one(self, batch):
+        for n, (message, future) in enumerate(batch):
+            try:
+                await _insert([message])
+            except DATA_ERRORS as exc:  # this row is the bad one
+                if not future.done():
+                    future.set_exception(exc)
+            except Exception as exc:  # an outage meanwhile: the rest fail at once, not one timeout each
+                for _, waiting in batch[n:]:
+                    if not waiting.done():
+                        waiting.set_exception(exc)
+                return
+            else:
+                self._settle(message, future)
+
+    @staticmethod
+    def _settle(message, future):
+        if future.done():
+            return
+        if message.seq is None:
+            future.set_exception(RoomGone(f"room {message.room_id} no longer exists"))
+        else:
+            future.set_result(message)
 
 
 _writers: dict = {}
 
 
 async def store_message(room_id, user_id, body) -> Message:
-    """Store one message (batched with concurrent ones); returns it with id and created_at."""
+    """Store one message (batched with concurrent ones); returns it with id, seq and created_at."""
     loop = asyncio.get_running_loop()
     writer = _writers.get(loop)
     if writer is None:

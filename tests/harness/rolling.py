@@ -4,7 +4,8 @@ change to how the page resumes (the reconnect cursor) is made here once.
 
 A Follower stays connected through an endpoint and, when the connection drops
 (gunicorn closes websockets with 1012 on restart, a proxy answers 502, the
-instance is gone), reconnects with `?after=<last id>` as the browser client
+instance is gone), reconnects with `?after=<cursor>` (the highest seq below
+which it has every message: tests/harness/chat_client.Shown) as the browser client
 does, so the server replays what it missed. The endpoint may be a callable
 that returns one (a load balancer's choice among the instances in rotation).
 A Sender posts numbered messages through whichever endpoint answers. A Prober
@@ -23,6 +24,7 @@ import time
 import httpx
 
 from tests.contract.verify import Endpoint, User, read_until
+from tests.harness.chat_client import Shown
 
 MSG = re.compile(r'data-msg-id="(\d+)"')
 
@@ -31,8 +33,12 @@ class Follower(threading.Thread):
     def __init__(self, name: str, endpoint, user: User, ws_path: str, stop: threading.Event):
         super().__init__(name=name, daemon=True)
         self.endpoint, self.user, self.ws_path, self.stop = endpoint, user, ws_path, stop
-        self.last_id = 0
-        self.ids: list[int] = []   # every message id received, in order (replays included)
+        self.shown = Shown()  # what the page shows; its cursor is the reconnect's ?after=
+        self.ids: list[int] = []   # every message id shown, in order
+        # What the server must never do: send a message twice on one connection,
+        # or replay one at or below the cursor the client connected with. (A
+        # replay may resend one shown *above* the cursor: the page drops it.)
+        self.resent_wrongly: list[int] = []
         self.frames: list[str] = []
         self.connects = 0
         self.connect_log: list[str] = []  # "time after=<id>", for the failure report
@@ -41,8 +47,9 @@ class Follower(threading.Thread):
         self.lock = threading.Lock()
 
     def duplicates(self) -> list[int]:
+        """Messages shown twice, or sent twice where the server must not."""
         with self.lock:
-            seen, dup = set(), []
+            seen, dup = set(), list(self.resent_wrongly)
             for i in self.ids:
                 (dup.append(i) if i in seen else seen.add(i))
             return dup
@@ -52,16 +59,17 @@ class Follower(threading.Thread):
             return "\n".join(self.frames)
 
     def report(self) -> str:
-        return (f"{self.name}: connected {self.connect_log}, last id {self.last_id}, "
+        return (f"{self.name}: connected {self.connect_log}, cursor {self.shown.after}, "
                 f"last frame at {self.last_frame_at:.1f}, drops {self.drops}")
 
     def run(self):
         while not self.stop.is_set():
             try:
                 endpoint = self.endpoint() if callable(self.endpoint) else self.endpoint
-                with endpoint.websocket(f"{self.ws_path}?after={self.last_id}", self.user.cookies) as ws:
+                after, on_this_connection = self.shown.after, set()
+                with endpoint.websocket(f"{self.ws_path}?after={after}", self.user.cookies) as ws:
                     self.connects += 1
-                    self.connect_log.append(f"{time.monotonic():.1f} after={self.last_id}")
+                    self.connect_log.append(f"{time.monotonic():.1f} after={after}")
                     while not self.stop.is_set():
                         try:
                             frame = ws.recv(timeout=0.5)
@@ -70,9 +78,15 @@ class Follower(threading.Thread):
                         with self.lock:
                             self.frames.append(frame)
                             self.last_frame_at = time.monotonic()
-                        for match in MSG.finditer(frame):
-                            self.ids.append(int(match.group(1)))
-                            self.last_id = max(self.last_id, int(match.group(1)))
+                            parsed = Shown.parse(frame)
+                            if parsed is not None:
+                                message_id, seq = parsed
+                                if message_id in on_this_connection or seq <= after:
+                                    self.resent_wrongly.append(message_id)
+                                on_this_connection.add(message_id)
+                            shown = self.shown.apply(frame)
+                            if shown is not None:
+                                self.ids.append(shown)
             except Exception as exc:  # closed by a restart, 502 from nginx, refused ...
                 self.drops.append(f"{time.monotonic():.1f} {type(exc).__name__}: {str(exc)[:120]}")
                 time.sleep(0.3)

@@ -52,16 +52,17 @@ def test_reconnect_replays_missed_messages_once(stack):
     alice, bob = cc.new_user(ep), cc.new_user(ep)
     room = cc.create_room(alice)
     path = f"/ws/rooms/{room}/"
+    shown = cc.Shown()  # what alice's page shows; it reconnects with ?after=<shown.after>
     with ep.websocket(path, alice.cookies) as a:
         cc.send(a, "before the blip")
         frame, _ = cc.wait_for_text(a, "before the blip")
-    last = cc.message_ids([frame])[0]
+    shown.apply(frame)
     missed = [f"missed {n} {secrets.token_hex(3)}" for n in range(5)]
     with ep.websocket(path, bob.cookies) as b:
         for text in missed:
             cc.send(b, text)
             cc.wait_for_text(b, text)
-    with ep.websocket(f"{path}?after={last}", alice.cookies) as a:
+    with ep.websocket(f"{path}?after={shown.after}", alice.cookies) as a:
         frames = [a.recv(timeout=5) for _ in missed]
         assert [t in f for t, f in zip(missed, frames)] == [True] * len(missed)
         with pytest.raises(TimeoutError):

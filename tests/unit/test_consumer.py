@@ -113,14 +113,14 @@ async def test_reconnect_replays_what_was_missed_without_duplicates():
     a = communicator(room.pk, alice)
     assert (await a.connect())[0]
     await send_json(a, {"message": "seen"})
-    seen_id = int(__import__("re").search(r'data-msg-id="(\d+)"', await a.receive_from()).group(1))
+    seen = int(__import__("re").search(r'data-seq="(\d+)"', await a.receive_from()).group(1))
     await a.disconnect()
     b = communicator(room.pk, bob)
     assert (await b.connect())[0]
     for n in range(3):
         await send_json(b, {"message": f"missed {n}"})
         await b.receive_from()
-    a = communicator(room.pk, alice, query=f"after={seen_id}")
+    a = communicator(room.pk, alice, query=f"after={seen}")
     assert (await a.connect())[0]
     replayed = [await a.receive_from() for _ in range(3)]
     assert [f"missed {n}" in r for n, r in enumerate(replayed)] == [True] * 3
@@ -145,6 +145,97 @@ async def test_replayed_message_is_not_delivered_twice():
     assert (await comm.connect())[0]
     assert "both ways" in await comm.receive_from()
     html = await database_sync_to_async(lambda: message_frame(article_html_from(Message.objects.select_related("author").get(pk=msg.pk))))()
-    await get_channel_layer().group_send(room_group(room.pk), {"type": "chat.message", "id": msg.pk, "html": html})
+    await get_channel_layer().group_send(room_group(room.pk), {"type": "chat.message", "id": msg.pk, "seq": msg.seq,
+                                                               "html": html})
     assert await comm.receive_nothing(timeout=0.3)
     await comm.disconnect()
+
+
+def _seq(frame):
+    return int(__import__("re").search(r'data-seq="(\d+)"', frame).group(1))
+
+
+async def _publish(room, msg):
+    """What the worker that stored `msg` does after its commit."""
+    from channels.layers import get_channel_layer
+
+    from app.chat.consumers import room_group
+    from app.chat.rendering import article_html_from, message_frame
+
+    html = await database_sync_to_async(
+        lambda: message_frame(article_html_from(Message.objects.select_related("author").get(pk=msg.pk))))()
+    await get_channel_layer().group_send(room_group(room.pk), {"type": "chat.message", "id": msg.pk, "seq": msg.seq,
+                                                               "html": html})
+
+
+async def test_out_of_order_publish_a_reconnect_with_the_watermark_gets_the_gap():
+    """Worker B publishes seq 2 before worker A publishes seq 1; the page shows
+    2, reconnects (with its watermark, 0: not the newest seq it shows) before 1
+    is published, and must still get 1. With ?after=<newest shown> it never would."""
+    alice, room = await make_user_and_room("alice")
+    a = communicator(room.pk, alice, query="after=0")
+    assert (await a.connect())[0]
+    first = await database_sync_to_async(Message.objects.create)(room=room, author=alice, body="first")
+    second = await database_sync_to_async(Message.objects.create)(room=room, author=alice, body="second")
+    assert (first.seq, second.seq) == (1, 2)
+    await _publish(room, second)
+    assert _seq(await a.receive_from()) == 2
+    await a.disconnect()
+    await _publish(room, first)  # while the page is away
+    a = communicator(room.pk, alice, query="after=0")  # the watermark: 1 is still missing
+    assert (await a.connect())[0]
+    replayed = [await a.receive_from() for _ in range(2)]
+    assert [_seq(f) for f in replayed] == [1, 2]  # 2 again: the page drops it (already shown)
+    assert await a.receive_nothing(timeout=0.2)
+    await a.disconnect()
+
+
+async def test_resync_fills_a_gap_left_by_a_lost_publish_exactly():
+    """Seq 2 arrives live, seq 1's publish is lost: the resync sends 1 and
+    only 1, and the socket's watermark then covers both."""
+    from app.chat import resync
+
+    alice, room = await make_user_and_room("alice")
+    a = communicator(room.pk, alice, query="after=0")
+    assert (await a.connect())[0]
+    first = await database_sync_to_async(Message.objects.create)(room=room, author=alice, body="lost publish")
+    second = await database_sync_to_async(Message.objects.create)(room=room, author=alice, body="live")
+    await _publish(room, second)
+    assert _seq(await a.receive_from()) == 2
+    assert await resync.resync_all() == (1, 1)
+    frame = await a.receive_from()
+    assert _seq(frame) == 1 and "lost publish" in frame
+    assert await resync.resync_all() == (1, 0)
+    await _publish(room, first)  # a late publish of 1 is not shown twice
+    assert await a.receive_nothing(timeout=0.2)
+    await a.disconnect()
+
+
+async def test_a_cursor_beyond_the_room_does_not_silence_the_socket():
+    """?after= larger than the room's newest seq (a made-up value, a page from
+    another database) counts as 'shows everything': new messages still arrive."""
+    alice, room = await make_user_and_room("alice")
+    await database_sync_to_async(Message.objects.create)(room=room, author=alice, body="old")
+    a = communicator(room.pk, alice, query="after=999999999999")
+    assert (await a.connect())[0]
+    assert await a.receive_nothing(timeout=0.1)
+    await send_json(a, {"message": "new"})
+    frame = await a.receive_from()
+    assert "new" in frame and _seq(frame) == 2
+    await a.disconnect()
+
+
+async def test_a_replay_cut_at_the_history_limit_moves_the_cursor_on(settings):
+    """More missed than CHAT_HISTORY: the replay sends the newest and a cursor
+    frame saying the older ones were skipped, so the page stops waiting for them."""
+    settings.CHAT_HISTORY = 3
+    alice, room = await make_user_and_room("alice")
+    for n in range(6):
+        await database_sync_to_async(Message.objects.create)(room=room, author=alice, body=f"m{n}")
+    a = communicator(room.pk, alice, query="after=1")
+    assert (await a.connect())[0]
+    frames = [await a.receive_from() for _ in range(4)]
+    assert 'data-upto="3"' in frames[0] and "data-msg-id" not in frames[0]
+    assert [_seq(f) for f in frames[1:]] == [4, 5, 6]
+    assert await a.receive_nothing(timeout=0.1)
+    await a.disconnect()

@@ -1,32 +1,68 @@
-// Room page glue for htmx-ext-ws: reconnect with ?after=<last id shown> so the
-// server replays what was missed, drop frames for messages already shown, and
-// keep the form and the connection status tidy.
+// Room page glue for htmx-ext-ws: reconnect with ?after=<cursor> so the server
+// replays what was missed, drop frames for messages already shown, and keep
+// the form and the connection status tidy.
+//
+// The cursor is the highest seq (data-seq: the message's number in its room)
+// below which this page shows every message, not the newest seq it shows:
+// two workers can publish 100 before 99, and a page that reconnected with
+// after=100 would never get 99. Seqs above the cursor that arrived early wait
+// in `early` until the gap below them closes; a replay resends them and they
+// are dropped here because they are already shown.
 (function () {
   "use strict";
   var box = document.getElementById("messages");
   if (!box) return;
-  var lastId = parseInt(box.dataset.lastId || "0", 10);
+  var cursor = parseInt(box.dataset.lastSeq || "0", 10);
+  var early = {};
   var status = document.getElementById("ws-status");
 
+  function closeUp() {
+    while (early[cursor + 1]) {
+      delete early[cursor + 1];
+      cursor += 1;
+    }
+  }
+
   // htmx-ext-ws calls htmx.createWebSocket for the first connection and for
-  // every reconnect, so the URL always carries the newest id this page shows.
+  // every reconnect, so the URL always carries the current cursor.
   htmx.createWebSocket = function (url) {
     var u = new URL(url);
-    u.searchParams.set("after", String(lastId));
+    u.searchParams.set("after", String(cursor));
     return new WebSocket(u.toString());
   };
 
   document.body.addEventListener("htmx:wsBeforeMessage", function (evt) {
-    var m = /data-msg-id="(\d+)"/.exec(evt.detail.message);
+    var text = evt.detail.message;
+    var skip = /data-upto="(\d+)"/.exec(text);
+    if (skip) {
+      // The server skipped older messages on purpose (more were missed than
+      // a replay sends): stop waiting for them.
+      evt.preventDefault();
+      var upto = parseInt(skip[1], 10);
+      if (upto > cursor) {
+        for (var k in early) if (+k <= upto) delete early[k];
+        cursor = upto;
+        closeUp();
+      }
+      return;
+    }
+    var m = /data-msg-id="(\d+)"[^>]*data-seq="(\d+)"/.exec(text);
     if (!m) return;
-    var id = parseInt(m[1], 10);
-    if (document.getElementById("msg-" + id)) {
+    var seq = parseInt(m[2], 10);
+    if (document.getElementById("msg-" + m[1]) || seq <= cursor) {
       evt.preventDefault(); // already shown: a replay overlapping the live stream
       return;
     }
-    if (id > lastId) lastId = id;
+    early[seq] = true;
+    closeUp();
   });
   document.body.addEventListener("htmx:wsAfterMessage", function () {
+    // A message that arrived early was appended; one that filled a gap below
+    // it moves up to its place, so the page reads in room order.
+    var last = box.lastElementChild;
+    var before = last && last.previousElementSibling;
+    while (before && +before.dataset.seq > +last.dataset.seq) before = before.previousElementSibling;
+    if (last && before !== last.previousElementSibling) box.insertBefore(last, before ? before.nextSibling : box.firstChild);
     box.scrollTop = box.scrollHeight;
   });
   document.body.addEventListener("htmx:wsAfterSend", function (evt) {

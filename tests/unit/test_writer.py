@@ -1,0 +1,77 @@
+"""The batch writer and per-socket delivery bookkeeping, in process (SQLite).
+
+The same writer runs one PostgreSQL statement per batch in production; that
+path is tested against a real PostgreSQL in tests/integration/test_ordering.py.
+"""
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+from django.contrib.auth.models import User
+
+from app.chat.delivery import Delivered
+from app.chat.models import Message, Room
+from app.chat.writer import RoomGone, store_message
+
+
+def test_delivered_keeps_a_watermark_below_the_first_gap():
+    d = Delivered(5)
+    assert not d.add(5) and not d.add(3)  # at or below the watermark: already sent
+    assert d.add(7) and d.upto == 5 and 7 in d  # 7 before 6: the watermark waits for 6
+    assert not d.add(7)
+    assert d.add(6) and d.upto == 7 and not d.above
+    assert d.add(9) and d.add(10)
+    assert d.advance_to(12)  # 8, 11 and 12 were never sent: the client must be told
+    assert d.upto == 12 and not d.above
+    assert d.add(13) and not d.advance_to(13)  # everything up to 13 was sent: nothing to tell
+    assert d.add(15) and d.advance_to(14)  # 14 skipped
+    assert d.upto == 15 and not d.above
+
+
+@database_sync_to_async
+def _setup():
+    alice = User.objects.create_user("alice", password="pw-unused-123")
+    bob = User.objects.create_user("bob", password="pw-unused-123")
+    gone_user = User.objects.create_user("gone", password="pw-unused-123")
+    lobby = Room.objects.create(name="lobby")
+    other = Room.objects.create(name="other")
+    gone_room = Room.objects.create(name="gone")
+    return alice, bob, gone_user, lobby, other, gone_room
+
+
+@database_sync_to_async
+def _stored():
+    return sorted(Message.objects.values_list("room__name", "seq", "body"))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_seqs_count_up_per_room_in_one_batch():
+    alice, bob, _, lobby, other, _ = await _setup()
+    messages = await asyncio.gather(*(store_message(room.pk, alice.pk, f"m{n}")
+                                      for n, room in enumerate([lobby, other, lobby, lobby, other])))
+    assert [m.seq for m in messages] == [1, 1, 2, 3, 2]
+    assert all(m.pk for m in messages)
+    later = await store_message(lobby.pk, bob.pk, "later")
+    assert later.seq == 4
+    assert await database_sync_to_async(lambda: Room.objects.get(pk=lobby.pk).last_seq)() == 4
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("poison", ["deleted room", "deleted author"])
+async def test_a_bad_row_fails_alone(poison):
+    """Messages arriving together share one batch; one that cannot be stored
+    (its room or its author was deleted meanwhile) must not take the others'
+    with it."""
+    alice, bob, gone_user, lobby, other, gone_room = await _setup()
+    room_id, author_id = (gone_room.pk, alice.pk) if poison == "deleted room" else (lobby.pk, gone_user.pk)
+    await database_sync_to_async((gone_room if poison == "deleted room" else gone_user).delete)()
+    results = await asyncio.gather(
+        store_message(lobby.pk, alice.pk, "before"),
+        store_message(room_id, author_id, "poison"),
+        store_message(other.pk, bob.pk, "unrelated"),
+        store_message(lobby.pk, bob.pk, "after"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], RoomGone if poison == "deleted room" else Exception), results
+    assert not any(isinstance(r, BaseException) for n, r in enumerate(results) if n != 1), results
+    assert await _stored() == [("lobby", 1, "before"), ("lobby", 2, "after"), ("other", 1, "unrelated")]
