@@ -143,7 +143,7 @@ def resync_only(spawn):
 @pytest.fixture(scope="module")
 def no_resync(spawn):
     """No catch-up at all: the negative control of the Redis restart."""
-    return spawn(CHAT_RESYNC_INTERVAL="0", CHAT_RESYNC_ON_REDIS_RECONNECT="False")
+    return spawn(CHAT_RESYNC_INTERVAL="0", CHAT_RESYNC_ON_REDIS_RECONNECT="False", **ONE_ADDRESS_SWARM)
 
 
 @pytest.fixture(scope="module")
