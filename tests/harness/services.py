@@ -109,6 +109,8 @@ class RedisServer:
         self.port = port or free_port()
         self.password = password
         self.args = list(args)  # extra redis-server arguments (e.g. --replicaof)
+        # Its working directory: a replica writes the primary's snapshot there.
+        self.dir = tempfile.mkdtemp(prefix="chat-redis-")
         self.proc = None
 
     @property
@@ -118,7 +120,7 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--daemonize", "no", "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
+               "--daemonize", "no", "--maxmemory-policy", "noeviction", "--loglevel", "warning", "--dir", self.dir]
         if self.password:
             # masterauth too: a server that Sentinel turns into a replica must
             # authenticate to its new primary.
