@@ -103,21 +103,20 @@ def test_sentinel_blocking_pool_waits_where_the_plain_sentinel_pool_refuses(clus
 
     target = target_of(cluster)
 
-    async def six_blpops(pool):
-        client = Redis(connection_pool=pool)
+    async def six_blpops(client):
         try:
             return await asyncio.gather(*(client.blpop([f"nothing-{n}"], 0.3) for n in range(6)),
                                         return_exceptions=True)
         finally:
             await client.aclose()
 
-    def sentinel():
-        return Sentinel(list(target.sentinels), sentinel_kwargs=target.sentinel_options())
-
-    blocking = SentinelBlockingPool(target.master, sentinel(), max_connections=2, timeout=5, **target.server_options())
-    assert asyncio.run(six_blpops(blocking)) == [None] * 6  # each waited its turn
-    plain = SentinelConnectionPool(target.master, sentinel(), max_connections=2, **target.server_options())
-    outcome = asyncio.run(six_blpops(plain))
+    # What the rate limits use (app/redis_config.py: SentinelBlockingPool): each waits its turn.
+    assert isinstance(target.async_client(max_connections=2, timeout=5).connection_pool, SentinelBlockingPool)
+    assert asyncio.run(six_blpops(target.async_client(max_connections=2, timeout=5))) == [None] * 6
+    # Control: redis-py's plain Sentinel pool of the same size refuses the third.
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=target.sentinel_options())
+    plain = SentinelConnectionPool(target.master, sentinel, max_connections=2, **target.server_options())
+    outcome = asyncio.run(six_blpops(Redis(connection_pool=plain)))
     assert any(isinstance(o, ConnectionError) and "Too many connections" in str(o) for o in outcome), outcome
 
 

@@ -172,3 +172,17 @@ def test_descriptions_carry_no_password():
     target = RedisTarget(sentinels=(("a", 1), ("::1", 2)), master="m", password=PASSWORD, sentinel_password=PASSWORD)
     assert target.describe() == "sentinel://a:1,[::1]:2/m"
     assert PASSWORD not in repr(target)
+
+
+def test_every_redis_setting_is_in_the_readme_table():
+    import re
+
+    from tests.harness.services import REPO
+
+    source = (REPO / "app" / "redis_config.py").read_text()
+    names = set(re.findall(r'env\.get_\w+\("([A-Z_]+)"', source))
+    assert {"REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_PASSWORD", "REDIS_SENTINEL_PASSWORD"} <= names
+    readme = (REPO / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z_]+)`", readme, re.M)) | {
+        n for row in re.findall(r"^\| (`[A-Z_]+`(?:, `[A-Z_]+`)+) \|", readme, re.M) for n in re.findall(r"[A-Z_]+", row)}
+    assert names <= documented, f"not in README's settings table: {sorted(names - documented)}"
