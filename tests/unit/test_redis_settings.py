@@ -26,7 +26,10 @@ def one_line_error(changes) -> str:
 
 def test_both_redis_url_and_sentinels_is_refused_naming_both():
     line = one_line_error({**SENTINEL, "REDIS_URL": "redis://127.0.0.1:1/0"})
-    assert "REDIS_URL" in line and "REDIS_SENTINELS" in line
+    assert line.startswith("Configuration error: REDIS_URL and REDIS_SENTINELS are both set"), line
+    # Without a master name the URL would otherwise win silently.
+    line = one_line_error({**SENTINEL, "REDIS_URL": "redis://127.0.0.1:1/0", "REDIS_SENTINEL_MASTER": None})
+    assert line.startswith("Configuration error: REDIS_URL and REDIS_SENTINELS are both set"), line
 
 
 def test_both_stop_gunicorns_master():
