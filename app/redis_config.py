@@ -32,6 +32,13 @@ from urllib.parse import unquote, urlsplit
 # and the next sentinel is asked (a host that vanished sends no RST).
 SENTINEL_TIMEOUT = 2.0
 CONNECT_TIMEOUT = 2.0
+# Seconds a command to a Redis server may wait for its answer in Sentinel mode.
+# A primary that froze (a stopped process, a hung host) keeps its connections
+# open: without a limit a publish to it waits forever, and the consumer that
+# sent it with it; after the timeout the connection is dropped and the next
+# one asks the sentinels. The core layer's blocking pop waits up to 5 s
+# (channels_redis' brpop_timeout), so its limit is above that.
+SERVER_TIMEOUT = {"pubsub": 3.0, "core": 10.0}
 
 
 def url_password(url: str) -> str | None:
@@ -105,11 +112,12 @@ class RedisTarget:
             options["password"] = self.sentinel_password
         return options
 
-    def channel_layer_host(self, **extra) -> dict:
-        """One entry of channels_redis' CONFIG["hosts"]."""
+    def channel_layer_host(self, layer: str = "pubsub", **extra) -> dict:
+        """One entry of channels_redis' CONFIG["hosts"] for `layer` ("pubsub" or "core")."""
         if self.is_sentinel:
             host = {"sentinels": [list(s) for s in self.sentinels], "master_name": self.master,
-                    "sentinel_kwargs": self.sentinel_options()}
+                    "sentinel_kwargs": self.sentinel_options(), "socket_timeout": SERVER_TIMEOUT[layer],
+                    "connection_class": FollowPrimarySSLConnection if self.uses_tls else FollowPrimaryConnection}
         else:
             host = {"address": self.url}
         return {**host, **self.server_options(), **extra}
@@ -165,6 +173,41 @@ def _sentinel_blocking_pool():
 
 
 SentinelBlockingPool = _sentinel_blocking_pool()
+
+
+def _follow_primary_connections():
+    from redis.asyncio.connection import SSLConnection
+    from redis.asyncio.sentinel import SentinelManagedConnection
+    from redis.exceptions import ConnectionError
+
+    class FollowPrimaryConnection(SentinelManagedConnection):
+        """A Sentinel-managed connection that leaves a primary the pool no
+        longer names. The channel layer's PubSub connection only reads (with a
+        short timeout), so a primary that froze instead of closing its sockets
+        would keep it forever: nothing arrives and nothing fails. Every other
+        connection of the pool that reconnects asks the sentinels and records
+        the new primary in the pool (`master_address`); before each read this
+        connection compares and, if its server is not that one any more,
+        disconnects and raises ConnectionError, and redis-py's PubSub
+        reconnects (to the new primary) and subscribes again, which
+        app/chat/resync.py sees as a reconnect. Pinned by
+        tests/faults/test_sentinel_failover.py::test_frozen_primary_neither_hangs_nor_loses_messages."""
+
+        async def read_response(self, *args, **kwargs):
+            pool = self.connection_pool
+            primary = pool.master_address if pool.is_master else None
+            if primary is not None and self.is_connected and (self.host, self.port) != tuple(primary):
+                await self.disconnect()
+                raise ConnectionError(f"the primary moved to {primary[0]}:{primary[1]}")
+            return await super().read_response(*args, **kwargs)
+
+    class FollowPrimarySSLConnection(FollowPrimaryConnection, SSLConnection):
+        pass
+
+    return FollowPrimaryConnection, FollowPrimarySSLConnection
+
+
+FollowPrimaryConnection, FollowPrimarySSLConnection = _follow_primary_connections()
 
 
 class SentinelCachePool:

@@ -146,7 +146,7 @@ REDIS_URL = REDIS.url if REDIS else None
 REDIS_TLS_INSECURE = REDIS.tls_insecure if REDIS else False
 CHANNEL_LAYER = env.get_choice("CHANNEL_LAYER", "pubsub", ("pubsub", "core"))
 if REDIS:
-    _redis_host = REDIS.channel_layer_host()
+    _redis_host = REDIS.channel_layer_host(CHANNEL_LAYER)
     if env.get_bool("CHAT_RESYNC_ON_REDIS_RECONNECT", True):
         # After a Redis restart or a Sentinel failover each worker sends its
         # sockets what they missed from the database (app/chat/resync.py);

@@ -130,7 +130,8 @@ def test_channel_layer_follows_the_failover_and_reports_the_reconnect(cluster, b
         await connection.on_connect()
         connects.append((id(connection), connection.port))
 
-    layer = import_string(backend)(hosts=[target_of(cluster).channel_layer_host(redis_connect_func=on_connect)])
+    kind = "core" if backend.endswith("RedisChannelLayer") else "pubsub"
+    layer = import_string(backend)(hosts=[target_of(cluster).channel_layer_host(kind, redis_connect_func=on_connect)])
 
     async def scenario():
         channel = await layer.new_channel("sentinel.")
