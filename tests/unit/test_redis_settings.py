@@ -84,6 +84,7 @@ def test_sentinel_settings_reach_the_layer_the_cache_and_the_limits():
     code = ("import django, json; django.setup(); from django.conf import settings as s; "
             "h = dict(s.CHANNEL_LAYERS['default']['CONFIG']['hosts'][0]); "
             "h['redis_connect_func'] = h['redis_connect_func'].__qualname__; "
+            "h['connection_class'] = h['connection_class'].__name__; "
             "print(json.dumps([h, s.CACHES['default'], s.CHAT_LIMITS_REDIS_URL, s.CHAT_LIMITS_REDIS_SENTINEL.sentinels]))")
     out = run(env, code)
     assert out.returncode == 0, out.stderr
@@ -93,6 +94,8 @@ def test_sentinel_settings_reach_the_layer_the_cache_and_the_limits():
     assert host["sentinel_kwargs"]["password"] == "s-" + PASSWORD  # the sentinels' own password
     assert host["redis_connect_func"] == "on_redis_connect"  # the resync after a reconnect (app/chat/resync.py)
     assert "address" not in host
+    # A frozen primary: commands time out, subscriptions leave it (app/redis_config.py).
+    assert host["socket_timeout"] == 3.0 and host["connection_class"] == "FollowPrimaryConnection"
     assert cache["OPTIONS"]["pool_class"] == "app.redis_config.SentinelCachePool"
     assert cache["OPTIONS"]["master_name"] == "chat" and cache["OPTIONS"]["password"] == PASSWORD
     assert limits_url is None and limits_sentinels == [["10.0.0.1", 26379], ["10.0.0.2", 26379], ["fd00::3", 26379]]
@@ -102,6 +105,7 @@ def test_sentinel_tls_options_reach_sentinels_and_servers():
     env = {**SENTINEL, "REDIS_TLS": "True", "REDIS_TLS_INSECURE": "True"}
     out = run(env, PRINT.format("s.CHANNEL_LAYERS['default']['CONFIG']['hosts'][0]"))
     assert out.returncode == 0, out.stderr
+    assert "FollowPrimarySSLConnection" in out.stdout
     assert "'ssl': True" in out.stdout and out.stdout.count("'ssl_cert_reqs': 'none'") == 2  # servers and sentinels
 
 
@@ -189,3 +193,8 @@ def test_every_redis_setting_is_in_the_readme_table():
     documented = set(re.findall(r"^\| `([A-Z_]+)`", readme, re.M)) | {
         n for row in re.findall(r"^\| (`[A-Z_]+`(?:, `[A-Z_]+`)+) \|", readme, re.M) for n in re.findall(r"[A-Z_]+", row)}
     assert names <= documented, f"not in README's settings table: {sorted(names - documented)}"
+
+
+def test_core_layer_waits_longer_than_its_blocking_pop():
+    out = run({**SENTINEL, "CHANNEL_LAYER": "core"}, PRINT.format("s.CHANNEL_LAYERS['default']['CONFIG']['hosts'][0]['socket_timeout']"))
+    assert float(out.stdout) > 5, out.stdout + out.stderr  # channels_redis' brpop_timeout is 5 s
