@@ -160,3 +160,42 @@ def test_channel_layer_follows_the_failover_and_reports_the_reconnect(cluster, b
     # A connection object that was connected to the old primary connected
     # again, to the new one: what app/chat/resync.py's on_redis_connect counts.
     assert any(cid in first_ids for cid, port in connects if port == new_port), connects
+
+
+def test_a_subscription_leaves_a_frozen_primary_by_itself(cluster):
+    """FollowPrimaryConnection: a layer that only subscribes (no publish of its
+    own would make its pool reconnect) moves its subscription off a frozen
+    primary once the sentinels name another: a message published straight to
+    the promoted primary arrives."""
+    import os
+    import signal
+
+    import redis.asyncio
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    target = target_of(cluster)
+    layer = RedisPubSubChannelLayer(hosts=[target.channel_layer_host("pubsub")])
+    frozen = cluster.primary()
+
+    async def scenario():
+        channel = await layer.new_channel("frozen.")
+        receiving = asyncio.ensure_future(layer.receive(channel))
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        await asyncio.to_thread(cluster.wait, lambda: cluster.primary_port() not in (None, frozen.port), 30, "failover")
+        promoted = cluster.primary()
+        direct = redis.asyncio.Redis(host="127.0.0.1", port=promoted.port, password=cluster.password)
+        try:
+            deadline = time.monotonic() + 15
+            while not receiving.done():
+                await direct.publish(channel, layer.serialize({"type": "x", "n": 1}))
+                await asyncio.wait([receiving], timeout=0.5)
+                assert time.monotonic() < deadline, "the subscription stayed on the frozen primary"
+        finally:
+            await direct.aclose()
+        assert receiving.result()["n"] == 1
+        receiving.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
