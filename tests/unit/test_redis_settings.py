@@ -57,9 +57,30 @@ def test_both_stop_gunicorns_master():
     ({"REDIS_TLS": "sometimes"}, "REDIS_TLS"),
     ({"REDIS_TLS": "True", "REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"}, "REDIS_TLS_CA_FILE"),
 ])
-def test_bad_sentinel_values_are_named(changes, named):
-    line = one_line_error({**SENTINEL, **changes})
-    assert line.startswith(f"Configuration error: {named} "), line
+def test_bad_sentinel_values_are_named(changes, named, monkeypatch):
+    """In-process (app.redis_config.from_environment); the subprocess tests
+    here show that such a ConfigError stops manage.py and gunicorn's master
+    with its one line."""
+    from app.env import ConfigError
+    from app.redis_config import from_environment
+
+    for name in ("REDIS_URL", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_PASSWORD", "REDIS_SENTINEL_PASSWORD",
+                 "REDIS_TLS", "REDIS_TLS_INSECURE", "REDIS_TLS_CA_FILE", "REDIS_SENTINEL_DB"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**SENTINEL, **changes}.items():
+        if name.startswith("REDIS"):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as error:
+        from_environment(required=True)
+    assert str(error.value).startswith(f"{named} "), error.value
+
+
+def test_a_bad_sentinel_list_stops_manage_py_with_one_line():
+    line = one_line_error({**SENTINEL, "REDIS_SENTINELS": "s1:26379,s2"})
+    assert line.startswith("Configuration error: REDIS_SENTINELS "), line
 
 
 @pytest.mark.parametrize("changes, named", [
