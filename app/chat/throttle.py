@@ -12,7 +12,9 @@ Django), which honours X-Forwarded-For only from proxies gunicorn trusts
 (`FORWARDED_ALLOW_IPS`); no header is read here. An IPv6 client is counted
 by its /64, the block one subscriber gets.
 
-Without REDIS_URL (DEBUG only: `make run`) the buckets live in the process.
+Redis is one server (REDIS_URL) or the primary Redis Sentinel names
+(REDIS_SENTINELS): app/redis_config.py builds the clients either way.
+Without either (DEBUG only: `make run`) the buckets live in the process.
 """
 from __future__ import annotations
 
@@ -135,42 +137,40 @@ _clients: dict = {}
 _clients_lock = threading.Lock()
 
 
-def _url() -> str | None:
-    return settings.CHAT_LIMITS_REDIS_URL
+def _target():
+    """The Redis of the limits (app/redis_config.py), or None: in-process buckets.
+    settings.CHAT_LIMITS_REDIS_URL (one Redis; tests point it elsewhere) or
+    settings.CHAT_LIMITS_REDIS_SENTINEL (the primary the sentinels name)."""
+    from app.redis_config import RedisTarget
 
-
-def _options() -> dict:
-    options = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
-    if _url().startswith("rediss://") and settings.REDIS_TLS_INSECURE:
-        options["ssl_cert_reqs"] = "none"
-    return options
+    url = settings.CHAT_LIMITS_REDIS_URL
+    if url:
+        return RedisTarget(url=url, password=getattr(settings, "REDIS", None) and settings.REDIS.password,
+                           tls_insecure=settings.REDIS_TLS_INSECURE)
+    return getattr(settings, "CHAT_LIMITS_REDIS_SENTINEL", None)
 
 
 def _sync_script():
-    url = _url()
+    target = _target()
     with _clients_lock:
-        if ("sync", url) not in _clients:
-            import redis
-
-            client = redis.Redis.from_url(url, **_options())
-            _clients[("sync", url)] = client.register_script(GCRA)
-        return _clients[("sync", url)]
+        if ("sync", target) not in _clients:
+            client = target.sync_client(socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+            _clients[("sync", target)] = client.register_script(GCRA)
+        return _clients[("sync", target)]
 
 
 def _async_script():
     # redis-py's asyncio pool belongs to one event loop: one client per loop.
-    url, loop = _url(), asyncio.get_running_loop()
-    key = ("async", url, id(loop))
+    target, loop = _target(), asyncio.get_running_loop()
+    key = ("async", target, id(loop))
     script = _clients.get(key)
     if script is None or script[0] is not loop:
-        import redis.asyncio
-
         # redis-py's default asyncio pool refuses the 101st concurrent command
         # ("Too many connections"): a burst of handshakes would read as "Redis
         # down". A blocking pool makes them wait their turn (one EVALSHA is
         # well under a millisecond) and fails only after TIMEOUT.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=TIMEOUT, **_options())
-        client = redis.asyncio.Redis(connection_pool=pool)
+        client = target.async_client(max_connections=POOL_SIZE, timeout=TIMEOUT,
+                                     socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
         script = _clients[key] = (loop, client.register_script(GCRA))
     return script[1]
 
@@ -204,7 +204,7 @@ def reset_local() -> None:
 def hit(limit: Limit, identity) -> Verdict:
     """Take one token from `identity`'s bucket (sync: views). Raises Unavailable."""
     key = _key(limit, identity)
-    if _url() is None:
+    if _target() is None:
         return _verdict(_memory_hit(key, limit))
     try:
         wait = _sync_script()(keys=[key], args=[limit.interval_ms, limit.window_ms])
@@ -216,7 +216,7 @@ def hit(limit: Limit, identity) -> Verdict:
 async def ahit(limit: Limit, identity) -> Verdict:
     """Take one token from `identity`'s bucket (async: the websocket guard). Raises Unavailable."""
     key = _key(limit, identity)
-    if _url() is None:
+    if _target() is None:
         return _verdict(_memory_hit(key, limit))
     try:
         wait = await asyncio.wait_for(_async_script()(keys=[key], args=[limit.interval_ms, limit.window_ms]), TIMEOUT)
