@@ -75,6 +75,7 @@ def test_one_user_opening_100_sockets_gets_10(two_hosts, holders, db, stack):
             break
         time.sleep(0.1)
     (after,) = holders.open([(a.port, room, user.cookie(), "127.0.3.1")])
+    holders.wait(lambda: after.close_code is not None, 10, "the refused socket closed")
     still_open = sum(c.open for c in accepted[1:])
     results.record(
         "user-sockets",
