@@ -132,19 +132,30 @@ async def _listen() -> None:
     from channels.layers import get_channel_layer
 
     layer = get_channel_layer()
-    while True:
-        try:
-            channel = await layer.new_channel("chat.revoke.")
-            await layer.group_add(GROUP, channel)
-            _state["channel"] = channel
-            while True:
-                await handle(await layer.receive(channel))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # Redis away: listen again shortly (the periodic re-check covers the gap)
-            log.warning("revocation listener: %s: %s; retrying in %.0fs", type(exc).__name__, exc, LISTEN_RETRY)
-            _state["channel"] = None
-            await asyncio.sleep(LISTEN_RETRY)
+    channel = None
+    try:
+        while True:
+            try:
+                if channel is None:
+                    channel = await layer.new_channel("chat.revoke.")
+                await layer.group_add(GROUP, channel)
+                _state["channel"] = channel
+                while True:
+                    await handle(await layer.receive(channel))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: listen again shortly (the periodic re-check covers the gap)
+                log.warning("revocation listener: %s: %s; retrying in %.0fs", type(exc).__name__, exc, LISTEN_RETRY)
+                _state["channel"] = None
+                await asyncio.sleep(LISTEN_RETRY)
+    finally:
+        # Stopped (no sockets left here): leave the group, or every stop and
+        # start would leave one more member behind.
+        if channel is not None:
+            try:
+                await asyncio.wait_for(layer.group_discard(GROUP, channel), PUBLISH_TIMEOUT)
+            except BaseException:  # noqa: BLE001 - best effort on the way out
+                pass
 
 
 async def handle(event: dict) -> int:
