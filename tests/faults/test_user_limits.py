@@ -236,7 +236,8 @@ def test_20_sockets_of_one_user_flooding_get_one_budget(flood_hosts, holders, db
                  budget=round(budget, 1), per_socket_only=round(per_socket_only))
     results.record(
         "user-flood",
-        scenario=f"{FLOOD_SOCKETS} sockets of one user (10 on each of 2 gunicorns on one Redis) flood a room of "
+        scenario=f"{FLOOD_SOCKETS} sockets of one user (10 on each of 2 gunicorns on one Redis, CHAT_MAX_SOCKETS_PER_USER "
+                 f"raised to {FLOOD_SOCKETS} for this) flood a room of "
                  f"{len(swarm.clients) + FLOOD_SOCKETS}: {sent} frames in {seconds:.1f} s",
         checked="stored at most the user's budget (CHAT_USER_RATE_BURST 10 + CHAT_USER_RATE_PER_SECOND 5 x time), "
                 "however many sockets and hosts; the rest data-error=rate_limited; the others' send-to-shown latency "
