@@ -122,6 +122,8 @@ def test_a_sigkilled_workers_slots_are_freed_by_their_lease(spawn, holders, db, 
         time.sleep(0.25)
     # then the rest of the dead worker's slots, and not one more
     more = holders.open([(gunicorn.port, room, user.cookie(), "127.0.3.3") for _ in range(lost)])
+    holders.wait(lambda: all(c.close_code is not None for c in holders.conns if not c.accepted), 10,
+                 "the refused sockets closed")
     live = sum(c.open for c in holders.conns)
     survivors_open = sum(c.open for c in conns)
     results.record(

@@ -320,3 +320,18 @@ async def test_expired_session_is_closed_by_the_recheck(settings):
         expire_date=timezone.now() - timezone.timedelta(seconds=1)))()
     assert await sock.ended() == ("signed_out", 4401)
 
+
+
+def test_logout_and_credential_changes_work_while_redis_is_down(settings, caplog):
+    """The broadcast fails (Redis unreachable): the logout and the save still
+    succeed, a warning says the periodic re-check will close the sockets."""
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+                                           "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]}}}
+    user = User.objects.create_user("offline", password="pw-unused-123")
+    client = Client(HTTP_HOST=SITE)
+    client.force_login(user)
+    assert client.post("/accounts/logout/", secure=True).status_code == 302
+    user.set_password("another-password-789")
+    user.save()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.chat.revocation"]
+    assert len(warnings) == 2 and all("periodic re-check" in w for w in warnings), warnings
