@@ -89,7 +89,7 @@ def test_logout_elsewhere_shows_signed_out_and_stops(browser, site, server):
     expect(alice.locator("#chat-ended")).to_be_visible()
     expect(alice.locator("#chat-sign-in")).to_be_visible()
     expect(alice.locator("#send-form input[name=message]")).to_be_disabled()
-    time.sleep(3)  # htmx-ext-ws would have retried by now (its first delay is under a second)
+    time.sleep(2)  # htmx-ext-ws would have retried by now (its first delay is under a second)
     assert opened_alice == [], f"the page reconnected after being signed out: {opened_alice}"
     expect(alice.locator("#ws-status")).to_have_text("signed out")
 
@@ -123,7 +123,7 @@ def test_room_deleted_shows_room_deleted_and_stops(browser, site, server):
     expect(bob.locator("#ws-status")).to_have_text("room deleted")
     expect(bob.locator("#chat-error")).to_have_attribute("data-error", "room_deleted")
     expect(bob.locator("#chat-rooms")).to_be_visible()
-    time.sleep(3)
+    time.sleep(2)
     assert opened == [], f"the page reconnected to a deleted room: {opened}"
     expect(carol.locator("#ws-status")).to_have_attribute("data-state", "open")  # positive control
     bob.click("#chat-rooms")

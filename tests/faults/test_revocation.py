@@ -85,7 +85,7 @@ def closed_within(holders, conns, timeout):
     holders.wait(lambda: all(c.close_code is not None for c in conns), timeout, "the revoked sockets to close")
 
 
-def still_works(holders, conn, room_of_text=None) -> bool:
+def still_works(holders, conn) -> bool:
     """An open socket sends a message and gets it back."""
     text = f"still here {secrets.token_hex(3)}"
     if not conn.open or not holders.send(conn, text):
