@@ -256,6 +256,17 @@ CHAT_ADDRESS_HANDSHAKES_PER_MINUTE = env.get_int("CHAT_ADDRESS_HANDSHAKES_PER_MI
 CHAT_ADDRESS_LOGINS_PER_MINUTE = env.get_int("CHAT_ADDRESS_LOGINS_PER_MINUTE", 30, minimum=1)
 CHAT_ADDRESS_SIGNUPS_PER_HOUR = env.get_int("CHAT_ADDRESS_SIGNUPS_PER_HOUR", 30, minimum=1)
 CHAT_USER_ROOMS_PER_HOUR = env.get_int("CHAT_USER_ROOMS_PER_HOUR", 50, minimum=1)
+# Per user, over all of that user's sockets on every worker and host (in Redis:
+# app/chat/slots.py, app/chat/throttle.py): open sockets, and messages (a token
+# bucket; each socket also keeps CHAT_RATE_PER_SECOND / CHAT_RATE_BURST).
+CHAT_MAX_SOCKETS_PER_USER = env.get_int("CHAT_MAX_SOCKETS_PER_USER", 10, minimum=1)
+CHAT_USER_RATE_PER_SECOND = env.get_float("CHAT_USER_RATE_PER_SECOND", 5.0, minimum=0.1)
+CHAT_USER_RATE_BURST = env.get_int("CHAT_USER_RATE_BURST", 10, minimum=1)
+# Seconds between the re-checks of every open socket's session, user and room
+# in each worker: the backstop for revocations no signal announced (a session
+# deleted from the database, raw SQL); signals close sockets at once
+# (app/chat/revocation.py).
+CHAT_SESSION_RECHECK_INTERVAL = env.get_float("CHAT_SESSION_RECHECK_INTERVAL", 30.0, minimum=0.5)
 CHAT_ROOMS_PER_PAGE = env.get_int("CHAT_ROOMS_PER_PAGE", 50, minimum=1)
 # At most this many stored messages per room are sent to a socket after a Redis reconnect.
 CHAT_RESYNC_LIMIT = env.get_int("CHAT_RESYNC_LIMIT", 1000, minimum=1)

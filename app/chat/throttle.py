@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
 
 from django.conf import settings
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chat:limit:"
 TIMEOUT = 2.0  # seconds for one Redis round trip; longer counts as "Redis is down"
@@ -90,6 +93,13 @@ def signups() -> Limit:
 
 def rooms() -> Limit:
     return Limit("room", settings.CHAT_USER_ROOMS_PER_HOUR, 3600)
+
+
+def user_messages() -> Limit:
+    """CHAT_USER_RATE_PER_SECOND, bursts of CHAT_USER_RATE_BURST: one bucket per
+    user over all of that user's sockets, on every worker and host."""
+    rate, burst = settings.CHAT_USER_RATE_PER_SECOND, settings.CHAT_USER_RATE_BURST
+    return Limit("user-message", burst, burst / rate)
 
 
 def address_of(address: str | None) -> str:
@@ -159,20 +169,39 @@ def _sync_script():
         return _clients[("sync", target)]
 
 
-def _async_script():
-    # redis-py's asyncio pool belongs to one event loop: one client per loop.
+def shared() -> bool:
+    """Whether the limits live in Redis (else in-process buckets: DEBUG without Redis)."""
+    return _target() is not None
+
+
+def async_redis():
+    """This event loop's client of the limits' Redis (also app/chat/slots.py's).
+    redis-py's asyncio pool belongs to one event loop: one client per loop."""
     target, loop = _target(), asyncio.get_running_loop()
     key = ("async", target, id(loop))
-    script = _clients.get(key)
-    if script is None or script[0] is not loop:
+    client = _clients.get(key)
+    if client is None or client[0] is not loop:
         # redis-py's default asyncio pool refuses the 101st concurrent command
         # ("Too many connections"): a burst of handshakes would read as "Redis
         # down". A blocking pool makes them wait their turn (one EVALSHA is
         # well under a millisecond) and fails only after TIMEOUT.
-        client = target.async_client(max_connections=POOL_SIZE, timeout=TIMEOUT,
-                                     socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
-        script = _clients[key] = (loop, client.register_script(GCRA))
+        client = _clients[key] = (loop, target.async_client(max_connections=POOL_SIZE, timeout=TIMEOUT,
+                                                           socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT))
+    return client[1]
+
+
+def async_script(source: str):
+    """`source` registered on this event loop's client (EVALSHA, EVAL on a miss)."""
+    client = async_redis()
+    key = ("script", id(client), source)
+    script = _clients.get(key)
+    if script is None or script[0] is not client:
+        script = _clients[key] = (client, client.register_script(source))
     return script[1]
+
+
+def _async_script():
+    return async_script(GCRA)
 
 
 # --- in-process (DEBUG without Redis) -------------------------------------------
@@ -192,10 +221,19 @@ def _memory_hit(key: str, limit: Limit) -> int:
         return 0
 
 
+def _memory_prune() -> None:
+    """Drop full buckets (their TAT is in the past): they hold nothing."""
+    now = time.monotonic() * 1000.0
+    with _memory_lock:
+        for key in [k for k, tat in _memory.items() if tat < now]:
+            del _memory[key]
+
+
 def reset_local() -> None:
     """Empty the in-process buckets (tests)."""
     with _memory_lock:
         _memory.clear()
+    _fallback.update(until=0.0, down=False)
 
 
 # --- the API -------------------------------------------------------------------
@@ -223,3 +261,37 @@ async def ahit(limit: Limit, identity) -> Verdict:
     except _store_errors() as exc:
         raise Unavailable(f"{type(exc).__name__}: {exc}") from None
     return _verdict(int(wait))
+
+
+# How long a process counts alone after the shared store failed, before it
+# tries Redis again (a dead Redis must not cost every message a timeout).
+LOCAL_FALLBACK_SECONDS = 1.0
+_fallback = {"until": 0.0, "down": False}
+
+
+async def ahit_or_local(limit: Limit, identity) -> Verdict:
+    """Like `ahit`, but while Redis cannot be reached this process keeps the
+    bucket itself instead of refusing. For the per-user message budget
+    (app/chat/consumers.py): a Redis restart must not silence every open
+    socket (messages stored meanwhile reach everybody through the resync), and
+    the budget still holds per process, so a user gets at most workers x hosts
+    times it for the length of the outage, never "unlimited"."""
+    key = _key(limit, identity)
+    if not shared():
+        return _verdict(_memory_hit(key, limit))
+    now = time.monotonic()
+    if now >= _fallback["until"]:
+        try:
+            verdict = await ahit(limit, identity)
+        except Unavailable as exc:
+            if not _fallback["down"]:
+                log.warning("rate-limit store unavailable (%s); counting %s per process meanwhile", exc, limit.name)
+            _fallback.update(until=now + LOCAL_FALLBACK_SECONDS, down=True)
+            if len(_memory) > 10000:
+                _memory_prune()
+        else:
+            if _fallback["down"]:
+                log.info("rate-limit store reachable again; %s shared again", limit.name)
+                _fallback["down"] = False
+            return verdict
+    return _verdict(_memory_hit(key, limit))
