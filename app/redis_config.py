@@ -25,6 +25,8 @@ the new primary by itself, and the channel layer's `redis_connect_func`
 """
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -39,6 +41,10 @@ CONNECT_TIMEOUT = 2.0
 # one asks the sentinels. The core layer's blocking pop waits up to 5 s
 # (channels_redis' brpop_timeout), so its limit is above that.
 SERVER_TIMEOUT = {"pubsub": 3.0, "core": 10.0}
+# How often a subscribing connection asks the sentinels which server is the
+# primary (FollowPrimaryConnection), and how long it waits for their answer.
+ASK_PRIMARY_EVERY = 2.0
+ASK_PRIMARY_TIMEOUT = 1.0
 
 
 def url_password(url: str) -> str | None:
@@ -181,13 +187,17 @@ def _follow_primary_connections():
     from redis.exceptions import ConnectionError
 
     class FollowPrimaryConnection(SentinelManagedConnection):
+        _chat_asked = 0.0
+
         """A Sentinel-managed connection that leaves a primary the pool no
         longer names. The channel layer's PubSub connection only reads (with a
         short timeout), so a primary that froze instead of closing its sockets
         would keep it forever: nothing arrives and nothing fails. Every other
         connection of the pool that reconnects asks the sentinels and records
-        the new primary in the pool (`master_address`); before each read this
-        connection compares and, if its server is not that one any more,
+        the new primary in the pool (`master_address`), and this connection
+        asks them itself at most every ASK_PRIMARY_EVERY seconds (a layer that
+        only subscribes has no other connection that would); before each read
+        it compares and, if its server is not that one any more,
         disconnects and raises ConnectionError, and redis-py's PubSub
         reconnects (to the new primary) and subscribes again, which
         app/chat/resync.py sees as a reconnect. Pinned by
@@ -196,6 +206,16 @@ def _follow_primary_connections():
         async def read_response(self, *args, **kwargs):
             pool = self.connection_pool
             primary = pool.master_address if pool.is_master else None
+            if primary is not None and self.is_connected:
+                # Nothing else may reconnect (a layer that only subscribes):
+                # ask the sentinels ourselves, at most every ASK_PRIMARY_EVERY.
+                now = time.monotonic()
+                if now - self._chat_asked >= ASK_PRIMARY_EVERY:
+                    self._chat_asked = now
+                    try:
+                        primary = await asyncio.wait_for(pool.get_master_address(), ASK_PRIMARY_TIMEOUT)
+                    except Exception:  # no sentinel answers: keep what the pool knows
+                        primary = pool.master_address or primary
             if primary is not None and self.is_connected and (self.host, self.port) != tuple(primary):
                 await self.disconnect()
                 raise ConnectionError(f"the primary moved to {primary[0]}:{primary[1]}")

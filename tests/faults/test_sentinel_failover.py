@@ -31,7 +31,7 @@ from tests.faults import results
 from tests.faults.conftest import log_problems
 from tests.faults.tcp_proxy import SwitchableProxy
 from tests.faults.test_limits import Browser
-from tests.faults.test_restarts import ONE_ADDRESS_SWARM, RATE, background_chatter, build_swarm, converge, readyz
+from tests.faults.test_restarts import LIMITS_NOT_UNDER_TEST, PER_WORKER, Chatter, assert_exactly_once, build_swarm, converge, readyz, start
 from tests.faults.swarm import percentile
 from tests.harness.services import Gunicorn, RedisServer, SentinelRedis, free_port, production_env
 
@@ -43,7 +43,7 @@ RECOVERY_GOAL_S = 10.0  # issue 14: messages flow again within 10 s of the SIGKI
 
 def sentinel_gunicorn(cluster: SentinelRedis, postgres, secret_key: str, **extra) -> Gunicorn:
     port = free_port()
-    settings = {"CHAT_RESYNC_INTERVAL": "0", **ONE_ADDRESS_SWARM, **cluster.env(), **extra}
+    settings = {"CHAT_RESYNC_INTERVAL": "0", **LIMITS_NOT_UNDER_TEST, **cluster.env(), **extra}
     env = production_env("", postgres.url, port, SECRET_KEY=secret_key, **settings)
     env.pop("REDIS_URL")
     return Gunicorn(env).start(ready_timeout=60)
@@ -103,12 +103,12 @@ def failed_login(port) -> int:
 
 def test_sentinel_failover_twice_loses_nothing(sentinels, sentinel_app, users, make_room, db):
     gunicorn = sentinel_app
-    swarm = build_swarm(gunicorn.port, users, make_room)
+    swarm = build_swarm(gunicorn, users, make_room)
     offset = wall_offset()
     rounds = []
-    connect_s = swarm.start()
+    connect_s = start(swarm)
     try:
-        stop, thread = background_chatter(swarm, "sentinel")
+        chatter = Chatter(swarm, "sentinel")
         time.sleep(1.5)
         for n in range(2):
             if n:
@@ -140,10 +140,10 @@ def test_sentinel_failover_twice_loses_nothing(sentinels, sentinel_app, users, m
             keys = limit_keys(new)
             rounds.append({"switch_s": round(switch_s, 2), "readyz_during": readyz_down, "readyz_ok_after_s": ready_after,
                            "kill_wall": t_kill_wall, "switch_wall": t_switch_wall, "failed_login": login, "keys": keys})
-        stop.set()
-        thread.join(10)
+        chatter.stop()
         rooms = {c.room for c in swarm.clients}
         converged_s, expected = converge(swarm, db, timeout=30)
+        assert_exactly_once(swarm, expected)
         for r in rounds:
             r.update(round_figures(swarm, db, rooms, r.pop("kill_wall"), r.pop("switch_wall"), offset))
         codes = swarm.close_codes()
@@ -200,13 +200,13 @@ def test_managed_redis_failover_behind_one_address(managed_redis, postgres, stac
     proxy, primary, replica = managed_redis
     port = free_port()
     env = production_env(f"redis://:{primary.password}@127.0.0.1:{proxy.port}/0", postgres.url, port,
-                         SECRET_KEY=stack.env["SECRET_KEY"], CHAT_RESYNC_INTERVAL="0", **ONE_ADDRESS_SWARM)
+                         SECRET_KEY=stack.env["SECRET_KEY"], CHAT_RESYNC_INTERVAL="0", **LIMITS_NOT_UNDER_TEST)
     gunicorn = Gunicorn(env).start(ready_timeout=60)
-    swarm = build_swarm(gunicorn.port, users, make_room)
+    swarm = build_swarm(gunicorn, users, make_room)
     offset = wall_offset()
     try:
-        swarm.start()
-        stop, thread = background_chatter(swarm, "managed")
+        start(swarm)
+        chatter = Chatter(swarm, "managed")
         time.sleep(1.5)
         t_kill, t_kill_wall = time.monotonic(), time.time()
         primary.kill()
@@ -225,10 +225,10 @@ def test_managed_redis_failover_behind_one_address(managed_redis, postgres, stac
                 break
             time.sleep(0.1)
         time.sleep(5.0)
-        stop.set()
-        thread.join(10)
+        chatter.stop()
         rooms = {c.room for c in swarm.clients}
         converged_s, expected = converge(swarm, db, timeout=30)
+        assert_exactly_once(swarm, expected)
         figures = round_figures(swarm, db, rooms, t_kill_wall, t_switch_wall, offset)
         codes = swarm.close_codes()
         duplicates = swarm.duplicates()
@@ -282,12 +282,12 @@ def test_frozen_primary_neither_hangs_nor_loses_messages(frozen_cluster, postgre
 
     cluster = frozen_cluster
     gunicorn = sentinel_gunicorn(cluster, postgres, stack.env["SECRET_KEY"])
-    swarm = build_swarm(gunicorn.port, users, make_room)
+    swarm = build_swarm(gunicorn, users, make_room)
     offset = wall_offset()
     primary = cluster.primary()
     try:
-        swarm.start()
-        stop, thread = background_chatter(swarm, "frozen")
+        start(swarm)
+        chatter = Chatter(swarm, "frozen")
         time.sleep(1.5)
         t_freeze, t_freeze_wall = time.monotonic(), time.time()
         os.kill(primary.proc.pid, signal.SIGSTOP)
@@ -296,10 +296,10 @@ def test_frozen_primary_neither_hangs_nor_loses_messages(frozen_cluster, postgre
             time.sleep(0.05)
         switch_s, t_switch_wall = time.monotonic() - t_freeze, time.time()
         time.sleep(SERVER_TIMEOUT["pubsub"] + 6)
-        stop.set()
-        thread.join(10)
+        chatter.stop()
         rooms = {c.room for c in swarm.clients}
         converged_s, expected = converge(swarm, db, timeout=30)
+        assert_exactly_once(swarm, expected)
         figures = round_figures(swarm, db, rooms, t_freeze_wall, t_switch_wall, offset)
         rows = db.query("SELECT extract(epoch from created_at) FROM chat_message WHERE room_id = ANY(%s)", list(rooms))
         settled = t_switch_wall + SERVER_TIMEOUT["pubsub"] + 1
@@ -308,7 +308,7 @@ def test_frozen_primary_neither_hangs_nor_loses_messages(frozen_cluster, postgre
         codes = swarm.close_codes()
         duplicates = swarm.duplicates()
         stored = sum(len(v) for v in expected.values())
-        limited = sum(1 for c in swarm.senders() for _, code in c.errors if code == "rate_limited")
+        limited = sum(1 for c in swarm.senders(PER_WORKER) for _, code in c.errors if code == "rate_limited")
     finally:
         swarm.stop()
         os.kill(primary.proc.pid, signal.SIGCONT)
@@ -330,7 +330,7 @@ def test_frozen_primary_neither_hangs_nor_loses_messages(frozen_cluster, postgre
         duplicates=duplicates, closes=codes, rate_limited=limited, **figures,
     )
     assert figures["outage_messages"], "no message was stored while the primary was frozen: the scenario tested nothing"
-    assert sent_after and stored_after >= sent_after - len(swarm.senders()), (
+    assert sent_after and stored_after >= sent_after - len(swarm.senders(PER_WORKER)), (
         f"senders stuck on the frozen primary: {stored_after} of {sent_after} later messages stored")
     assert figures["recovery_s"] < RECOVERY_GOAL_S, figures
     # Live again: well under a second from stored to shown (a periodic pass would be seconds).
