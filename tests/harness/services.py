@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
@@ -74,10 +75,34 @@ def stop_all_on_signals() -> None:
 atexit.register(stop_all)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+_port_rng = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a server, outside the kernel's ephemeral range: a port
+    the kernel handed out (bind to 0) can be taken meanwhile as the local port
+    of one of the hundreds of client connections a test opens, and the server
+    then fails with "Address already in use"."""
+    low, high = _EPHEMERAL
+    candidates = [p for p in range(10000, 65536) if not low <= p <= high]
+    for _ in range(200):
+        port = _port_rng.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None, what: str = "service"):
