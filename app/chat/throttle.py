@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from app.observability import metrics
+
 KEY_PREFIX = "chat:limit:"
 TIMEOUT = 2.0  # seconds for one Redis round trip; longer counts as "Redis is down"
 POOL_SIZE = 32  # Redis connections per worker for the handshake limit
@@ -115,8 +117,11 @@ def request_address(request) -> str | None:
     return request.META.get("REMOTE_ADDR")
 
 
-def _verdict(wait_ms: int) -> Verdict:
-    return Verdict(True) if wait_ms <= 0 else Verdict(False, max(1, math.ceil(wait_ms / 1000)))
+def _verdict(wait_ms: int, limit: Limit) -> Verdict:
+    if wait_ms <= 0:
+        return Verdict(True)
+    metrics.rate_limited(limit.name)
+    return Verdict(False, max(1, math.ceil(wait_ms / 1000)))
 
 
 def _key(limit: Limit, identity) -> str:
@@ -205,21 +210,21 @@ def hit(limit: Limit, identity) -> Verdict:
     """Take one token from `identity`'s bucket (sync: views). Raises Unavailable."""
     key = _key(limit, identity)
     if _url() is None:
-        return _verdict(_memory_hit(key, limit))
+        return _verdict(_memory_hit(key, limit), limit)
     try:
         wait = _sync_script()(keys=[key], args=[limit.interval_ms, limit.window_ms])
     except _store_errors() as exc:
         raise Unavailable(f"{type(exc).__name__}: {exc}") from None
-    return _verdict(int(wait))
+    return _verdict(int(wait), limit)
 
 
 async def ahit(limit: Limit, identity) -> Verdict:
     """Take one token from `identity`'s bucket (async: the websocket guard). Raises Unavailable."""
     key = _key(limit, identity)
     if _url() is None:
-        return _verdict(_memory_hit(key, limit))
+        return _verdict(_memory_hit(key, limit), limit)
     try:
         wait = await asyncio.wait_for(_async_script()(keys=[key], args=[limit.interval_ms, limit.window_ms]), TIMEOUT)
     except _store_errors() as exc:
         raise Unavailable(f"{type(exc).__name__}: {exc}") from None
-    return _verdict(int(wait))
+    return _verdict(int(wait), limit)
