@@ -14,7 +14,9 @@ resync pass comes from the Redis restart below). A scripted scenario:
 4. three logins from one address (limit 2 a minute);
 5. Redis stopped, two messages sent (stored; only the sender sees them),
    Redis started: the resync sends them to the three others;
-6. the worker holding a socket SIGKILLed: its counters stay in the totals,
+6. one more message, nothing scraped for 3 s (the workers' once-a-second
+   flush, not a scrape, writes its counts), then the worker holding a socket
+   SIGKILLed: its counters stay in the totals,
    its sockets leave the gauge and its pid leaves the process metrics; its
    clients reconnect to the replacement worker, one more message.
 
@@ -56,6 +58,7 @@ HANDSHAKE_LIMIT = 4
 LOGIN_LIMIT = 2
 MAX_LENGTH = 200
 SETTLE = 10.0  # seconds to wait for a scrape to show what was done (counts are flushed every second)
+FLUSH_SECONDS = 1.0  # app/observability/metrics.py
 RESYNC_LINE = re.compile(r"resync: (\d+) room\(s\), (\d+) missed frame\(s\) sent")
 
 
@@ -167,7 +170,7 @@ def settle(gunicorn, expected: Expected, what: str, missed_by_design: int = 0, w
                 raise AssertionError(f"{what} ({way}): (got, expected) {diff}; unexpected samples {extra}\n"
                                      + gunicorn.log()[-3000:])
             time.sleep(0.2)
-    time.sleep(1.5)  # > FLUSH_SECONDS
+    time.sleep(1.5 * FLUSH_SECONDS)
     expected.from_log(gunicorn, missed_by_design)
     again = scrape(gunicorn, "port")
     late = {k: (again.get(k), v) for k, v in expected.values.items() if again.get(k) != v}
@@ -367,6 +370,15 @@ def test_every_counter_matches_the_scripted_scenario(metered, users, make_room, 
     survivors = [cl for cl in clients if cl not in on_victim]
     cpu_before = before_kill[("process_cpu_seconds_total", ())]
     assert any(dict(k[1]).get("pid") == str(victim) for k in before_kill if k[0] == "process_resident_memory_bytes")
+    # One more message, then no scrape at all for a while: the victim's copies
+    # reach the shared files by its once-a-second flush, not by answering a
+    # scrape (which flushes too), so they survive the SIGKILL.
+    text = f"just before the kill {secrets.token_hex(3)}"
+    clients[3].send(text)
+    for cl in clients:
+        cl.wait_for(text)
+    expected.live(1, 4)
+    time.sleep(3 * FLUSH_SECONDS)
     os.kill(victim, signal.SIGKILL)
     expected.add("chat_websocket_connections", -len(on_victim))
     after_kill = settle(g, expected, f"worker {victim} SIGKILLed with {len(on_victim)} of 4 sockets", missed_by_design=6)
@@ -413,8 +425,9 @@ def test_every_counter_matches_the_scripted_scenario(metered, users, make_room, 
         scenario="Metrics on the real stack (2 workers): a scripted scenario, then a worker SIGKILLed",
         checked="after each of 8 steps, every chat_* sample (counters by label, the connections gauge, the delivery "
                 "histogram's count) equals what the test did, through the app port with the bearer token and through "
-                "METRICS_PORT, and again a flush interval later; after the SIGKILL the dead worker's counters stay, its "
-                "sockets and its pid's process metrics leave; resync passes equal the workers' own log lines",
+                "METRICS_PORT, and again a flush interval later; a message delivered, 3 s without any scrape, then a "
+                "worker SIGKILLed: its counts (that message's included) stay, its sockets and its pid's process "
+                "metrics leave; resync passes equal the workers' own log lines",
         figure=f"{len(expected.values)} samples ({nonzero} non-zero) exact at {checkpoints} checkpoints on both ways in; "
                f"SIGKILL of a worker holding {len(on_victim)} of 4 sockets: gauge 4 -> {4 - len(on_victim)} -> 4, "
                f"counters unchanged; {len(passes)} resync pass(es) sent 6 frames; {seconds:.0f} s",

@@ -254,7 +254,7 @@ def json_log_problems(text: str) -> list[str]:
 def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn, log_format):
     """A harness gunicorn with a password-protected Redis and metrics on (a
     token, scraped with it and with a wrong one): a normal chat, then errors
-    (bad frames, an oversized frame, a 404, a bad Host, Redis down and back):
+    (bad frames, an oversized frame, a 404, a bad Host, a signed-in page, Redis down and back):
     neither SECRET_KEY nor the database or Redis password (plain or
     URL-encoded), nor METRICS_TOKEN, nor a user's password or session, is ever
     printed, in either LOG_FORMAT; with json every line is a JSON object."""
@@ -293,6 +293,8 @@ def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn, l
             "404": get(port, f"/no-such-page-{tag}/"),
             "bad Host": get(port, "/accounts/login/", host="evil.example"),
             "anonymous room": get(port, f"/rooms/{room}/"),
+            "signed-in room": get(port, f"/rooms/{room}/",
+                                  headers={"Cookie": "; ".join(f"{k}={v}" for k, v in one.cookies.items())}),
             "metrics, token": get(port, "/metrics", headers={"Authorization": f"Bearer {metrics_token}"}),
             "metrics, wrong token": get(port, "/metrics", headers={"Authorization": f"Bearer {metrics_token[:-2]}"}),
         }
@@ -318,7 +320,7 @@ def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn, l
     finally:
         redis.stop()
 
-    assert statuses == {"404": 404, "bad Host": 400, "anonymous room": 302, "metrics, token": 200,
+    assert statuses == {"404": 404, "bad Host": 400, "anonymous room": 302, "signed-in room": 200, "metrics, token": 200,
                         "metrics, wrong token": 404, "readyz, Redis down": 503, "readyz, Redis back": 200}, statuses
     secret_values = {
         "SECRET_KEY": gunicorn.env["SECRET_KEY"],
