@@ -226,8 +226,16 @@ the shared files once a second) against unset, on the same workload (1,000 clien
 
 Knee (p99 ≤ 250 ms, nothing lost) per run, off: {knees_off}; on: {knees_on}. Median app CPU per
 delivery over the unsaturated steps: off {cpu_off:.1f} µs, on {cpu_on:.1f} µs ({cost:+.1f} %; goal: under 5 %).
-Mean CPU used by other jobs during the runs: {other:.2f} of 2.
+Mean CPU used by other jobs during the runs: {other:.2f} of 2.{profile}
 """
+
+PROFILE_NOTE = """
+
+Where the difference is too small for two runs to show it, the profile does: with metrics on, at
+{offered:,.0f} offered deliveries/s ({delivered:,.0f}/s delivered), {metrics_samples} of {samples:,} py-spy samples
+of the workers ({percent:.2f} %) were in the metrics and JSON-log code (app/observability/ and
+prometheus_client; `python -m bench --profile --profile-load 8000 --env METRICS_TOKEN=...`, then
+`python -m bench.metrics_cost RUN_DIR`; bench/results/metrics/profile-on/metrics-share.json)."""
 
 
 def _median(values):
@@ -271,11 +279,18 @@ def _metrics_notes() -> str:
         return ", ".join(f"{(c.get('knee') or {}).get('delivered_per_s', 0):,.0f}/s" for c in runs[mode])
 
     cpu_off, cpu_on = _median(cpu["off"]) or 0.0, _median(cpu["on"]) or 0.0
+    share = here / "profile-on" / "metrics-share.json"
+    profile = ""
+    if share.exists():
+        figure = json.loads(share.read_text())
+        profile = PROFILE_NOTE.format(offered=figure["offered_deliveries_per_s"], delivered=figure["delivered_per_s"],
+                                      metrics_samples=figure["metrics_samples"], samples=figure["samples"],
+                                      percent=figure["percent"])
     other = [s.get("other_cores", 0) for c in runs["off"] + runs["on"] for s in c["steps"]]
     return METRICS_NOTES.format(pairs=min(len(runs["off"]), len(runs["on"])), loads=",".join(f"{x:.0f}" for x in loads),
                                 rows="\n".join(rows), knees_off=knees("off"), knees_on=knees("on"), cpu_off=cpu_off,
                                 cpu_on=cpu_on, cost=(cpu_on - cpu_off) / cpu_off * 100 if cpu_off else 0.0,
-                                other=sum(other) / len(other) if other else 0.0)
+                                other=sum(other) / len(other) if other else 0.0, profile=profile)
 
 
 def readme_section(results: dict, results_rel: str = "results/reference/results.json",
