@@ -2,8 +2,8 @@
 
 DEBUG defaults to False, so a deploy that forgets it gets production
 behaviour, never the dev-only Daphne app ("No module named 'daphne'").
-With DEBUG off, SECRET_KEY, ALLOWED_HOSTS, DATABASE_URL and REDIS_URL are
-required and a missing one stops start-up with a message naming it; so does
+With DEBUG off, SECRET_KEY, ALLOWED_HOSTS, DATABASE_URL and REDIS_URL (or
+REDIS_SENTINELS) are required and a missing one stops start-up with a message naming it; so does
 an unsafe one: a weak SECRET_KEY, `ALLOWED_HOSTS=*` without ALLOW_ANY_HOST=True,
 a SQLite DATABASE_URL.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from app import env
+from app import env, redis_config
 from app.observability.logs import FORMATTERS
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -141,19 +141,19 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env.get
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Channel layer --------------------------------------------------------------
-REDIS_URL = env.get_str("REDIS_URL", None, required=not DEBUG, why=_PROD + " (the channel layer needs Redis)")
+# One Redis (REDIS_URL) or the primary that Redis Sentinel names
+# (REDIS_SENTINELS + REDIS_SENTINEL_MASTER); app/redis_config.py turns either
+# into the arguments of the channel layer, the cache and the rate limits.
+REDIS = redis_config.from_environment(required=not DEBUG, why=_PROD)
+REDIS_URL = REDIS.url if REDIS else None
+REDIS_TLS_INSECURE = REDIS.tls_insecure if REDIS else False
 CHANNEL_LAYER = env.get_choice("CHANNEL_LAYER", "pubsub", ("pubsub", "core"))
-REDIS_TLS_INSECURE = env.get_bool("REDIS_TLS_INSECURE", False)
-if REDIS_URL:
-    if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
-        raise env.ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {REDIS_URL.split(':')[0]!r}")
-    _redis_host = {"address": REDIS_URL}
-    if REDIS_URL.startswith("rediss://") and REDIS_TLS_INSECURE:
-        # Heroku's Key-Value Store presents a self-signed certificate.
-        _redis_host["ssl_cert_reqs"] = "none"
+if REDIS:
+    _redis_host = REDIS.channel_layer_host(CHANNEL_LAYER)
     if env.get_bool("CHAT_RESYNC_ON_REDIS_RECONNECT", True):
-        # After a Redis restart each worker sends its sockets what they missed
-        # from the database (app/chat/resync.py); redis-py calls this on every connect.
+        # After a Redis restart or a Sentinel failover each worker sends its
+        # sockets what they missed from the database (app/chat/resync.py);
+        # redis-py calls this on every connect.
         from app.chat.resync import on_redis_connect
 
         _redis_host["redis_connect_func"] = on_redis_connect
@@ -180,22 +180,14 @@ else:
 
 # Cache: Redis, so what it counts (django-axes' failed logins) is shared by
 # every worker and host; short timeouts so a dead Redis is an error, not a hang.
-if REDIS_URL:
-    _cache_options = {"socket_timeout": 2, "socket_connect_timeout": 2}
-    if REDIS_URL.startswith("rediss://") and REDIS_TLS_INSECURE:
-        _cache_options["ssl_cert_reqs"] = "none"
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "chat",
-            "OPTIONS": _cache_options,
-        }
-    }
+if REDIS:
+    CACHES = {"default": REDIS.cache(key_prefix="chat", timeout=2)}
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
-# The rate limits of app/chat/throttle.py (None: in-process buckets, DEBUG only).
+# The rate limits of app/chat/throttle.py: one Redis by URL, or the Sentinel
+# target (None and None: in-process buckets, DEBUG only).
 CHAT_LIMITS_REDIS_URL = REDIS_URL
+CHAT_LIMITS_REDIS_SENTINEL = REDIS if REDIS and REDIS.is_sentinel else None
 
 # Auth -----------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -267,6 +259,17 @@ CHAT_ADDRESS_HANDSHAKES_PER_MINUTE = env.get_int("CHAT_ADDRESS_HANDSHAKES_PER_MI
 CHAT_ADDRESS_LOGINS_PER_MINUTE = env.get_int("CHAT_ADDRESS_LOGINS_PER_MINUTE", 30, minimum=1)
 CHAT_ADDRESS_SIGNUPS_PER_HOUR = env.get_int("CHAT_ADDRESS_SIGNUPS_PER_HOUR", 30, minimum=1)
 CHAT_USER_ROOMS_PER_HOUR = env.get_int("CHAT_USER_ROOMS_PER_HOUR", 50, minimum=1)
+# Per user, over all of that user's sockets on every worker and host (in Redis:
+# app/chat/slots.py, app/chat/throttle.py): open sockets, and messages (a token
+# bucket; each socket also keeps CHAT_RATE_PER_SECOND / CHAT_RATE_BURST).
+CHAT_MAX_SOCKETS_PER_USER = env.get_int("CHAT_MAX_SOCKETS_PER_USER", 10, minimum=1)
+CHAT_USER_RATE_PER_SECOND = env.get_float("CHAT_USER_RATE_PER_SECOND", 5.0, minimum=0.1)
+CHAT_USER_RATE_BURST = env.get_int("CHAT_USER_RATE_BURST", 10, minimum=1)
+# Seconds between the re-checks of every open socket's session, user and room
+# in each worker: the backstop for revocations no signal announced (a session
+# deleted from the database, raw SQL); signals close sockets at once
+# (app/chat/revocation.py).
+CHAT_SESSION_RECHECK_INTERVAL = env.get_float("CHAT_SESSION_RECHECK_INTERVAL", 30.0, minimum=0.5)
 CHAT_ROOMS_PER_PAGE = env.get_int("CHAT_ROOMS_PER_PAGE", 50, minimum=1)
 # At most this many stored messages per room are sent to a socket after a Redis reconnect.
 CHAT_RESYNC_LIMIT = env.get_int("CHAT_RESYNC_LIMIT", 1000, minimum=1)
@@ -283,7 +286,7 @@ SILENCED_SYSTEM_CHECKS = [
     # addresses are limited by CHAT_ADDRESS_LOGINS_PER_MINUTE instead.
     "axes.W006",
     # DEBUG without Redis: one process, so an in-process cache is shared enough.
-    *(["axes.W001"] if not REDIS_URL else []),
+    *(["axes.W001"] if not REDIS else []),
 ]
 
 # Observability (app/observability/, README "Observability") -------------------

@@ -20,3 +20,8 @@ class ChatConfig(AppConfig):
 
     def ready(self):
         post_migrate.connect(sync_site_domain, sender=self)
+        # Logout, password change, deactivation, deleted users and rooms
+        # close the open sockets they concern (app/chat/revocation.py).
+        from app.chat import signals
+
+        signals.connect()

@@ -14,6 +14,18 @@ page drops one it already shows (a replay resends the ones it got early).
 Redis restarts do not close sockets: when the worker's Redis connection comes
 back, and every CHAT_RESYNC_INTERVAL seconds anyway, each socket is sent the
 stored messages above its watermark that it has not sent (app/chat/resync.py).
+
+Limits per user, across sockets, workers and hosts: a socket takes one of the
+user's CHAT_MAX_SOCKETS_PER_USER slots at the handshake (app/chat/slots.py;
+refused: error frame `too_many_sockets` + close 1008); every message takes a
+token from the user's bucket (CHAT_USER_RATE_PER_SECOND, bursts of
+CHAT_USER_RATE_BURST, in Redis: one round trip per received message, none per
+delivered frame) after the socket's own bucket (CHAT_RATE_PER_SECOND, in the
+process: it turns a flood away before it costs Redis anything).
+
+A socket whose session, user or room is revoked (logout, password change,
+deactivation, deletion) is closed by app/chat/revocation.py with an error
+frame and 4401/4403/4404; it stores nothing after that.
 """
 import json
 import logging
@@ -22,8 +34,9 @@ import time
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth import HASH_SESSION_KEY
 
-from app.chat import logfilters, resync
+from app.chat import logfilters, resync, revocation, slots, throttle
 from app.chat.guard import OUTAGE_ERRORS
 from app.chat.delivery import Delivered
 from app.chat.models import Message, Room
@@ -109,8 +122,17 @@ def parse_frame(text_data, bytes_data) -> str:
 
 
 @database_sync_to_async
-def load_room(room_id):
-    return Room.objects.filter(pk=room_id).first()
+def load_connect_state(room_id, session):
+    """The room, and the session key and auth hash the socket was opened with
+    (what the revocation re-check compares later), in one thread hop."""
+    room = Room.objects.filter(pk=room_id).first()
+    if session is None:
+        return room, None, None
+    return room, session.session_key, session.get(HASH_SESSION_KEY)
+
+
+TOO_MANY_SOCKETS = "You have {} chat connections open (at most {}); close a tab or window, then reload."
+SENDING_TOO_FAST = "You are sending too fast; wait a moment."
 
 
 @database_sync_to_async
@@ -139,6 +161,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await super().dispatch(message)
 
     async def connect(self):
+        self.revoked = None
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             metrics.handshake("unauthenticated")
@@ -146,34 +169,65 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         room_id = self.scope["url_route"]["kwargs"]["room_id"]
         try:
-            self.room = await load_room(room_id)
+            self.room, self.session_key, self.session_hash = await load_connect_state(room_id, self.scope.get("session"))
         except Exception as exc:
             log_failure("room lookup failed", exc)
-            metrics.handshake("unavailable")
-            await self.accept()
-            await self.send(text_data=error_frame("unavailable", "The chat is unavailable; reconnecting."))
-            await self.close(code=1013)
+            await self.refuse_unavailable()
             return
         if self.room is None:
             metrics.handshake("no_room")
             await self.close()
             return
         self.group = room_group(self.room.pk)
+        self.user_id = user.pk
+        self.session_tag = revocation.session_tag(self.session_key)
         self.username = user.get_username()
         self.delivered = None  # set by the replay; the resync skips the socket until then
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
         try:
+            allowed, held = await slots.acquire(self.user_id, self.channel_name, settings.CHAT_MAX_SOCKETS_PER_USER)
+        except throttle.Unavailable as exc:
+            log.warning("socket limit store unavailable (%s)", exc)
+            await self.refuse_unavailable()
+            return
+        if not allowed:
+            metrics.handshake("too_many_sockets")
+            metrics.rate_limited("sockets")
+            await self.accept()
+            await self.send(text_data=error_frame(
+                "too_many_sockets", TOO_MANY_SOCKETS.format(held, settings.CHAT_MAX_SOCKETS_PER_USER)))
+            await self.close(code=1008)
+            return
+        self.slot = True
+        try:
             await self.channel_layer.group_add(self.group, self.channel_name)
         except Exception as exc:
             log_failure("channel layer unavailable on connect", exc)
-            metrics.handshake("unavailable")
-            await self.accept()
-            await self.send(text_data=error_frame("unavailable", "The chat is unavailable; reconnecting."))
-            await self.close(code=1013)  # "try again later": htmx-ext-ws reconnects
+            await self.refuse_unavailable()
             return
         metrics.handshake("accepted")
         await self.accept()
+        revocation.register(self)  # from here on logout & co. close it
         await self.replay()
+
+    async def refuse_unavailable(self):
+        metrics.handshake("unavailable")
+        await self.accept()
+        await self.send(text_data=error_frame("unavailable", "The chat is unavailable; reconnecting."))
+        await self.close(code=1013)  # "try again later": htmx-ext-ws reconnects
+
+    async def revoke(self, reason: str) -> bool:
+        """Close this socket for `reason` (revocation.CLOSE): an error frame the
+        page shows, then the close code. Nothing it sends afterwards is stored."""
+        if self.revoked:
+            return False
+        self.revoked = reason
+        code, text = revocation.CLOSE[reason]
+        try:
+            await self.send(text_data=error_frame(reason, text))
+        finally:
+            await self.close(code=code)
+        return True
 
     async def replay(self):
         after = self.after_param()
@@ -201,7 +255,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def deliver(self, seq, frame) -> bool:
         """Send a message frame unless this socket was sent that seq already."""
-        if not self.delivered.add(seq):
+        if self.revoked or not self.delivered.add(seq):
             return False
         await self.send(text_data=frame)
         metrics.delivered()
@@ -252,6 +306,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.counted = False
             metrics.socket_closed()
         resync.unregister(self)
+        revocation.unregister(self)
+        if getattr(self, "slot", False):
+            self.slot = False
+            await slots.release(self.user_id, self.channel_name)
         group = getattr(self, "group", None)
         if group:
             try:
@@ -260,13 +318,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 log_failure(f"group_discard failed for {group}", exc)
 
     async def receive(self, text_data=None, bytes_data=None):
+        if self.revoked:
+            return
         try:
             if not self.bucket.take():
-                raise FrameError("rate_limited", "You are sending too fast; wait a moment.")
+                metrics.rate_limited("frame")
+                raise FrameError("rate_limited", SENDING_TOO_FAST)
             body = parse_frame(text_data, bytes_data)
+            if not (await throttle.ahit_or_local(throttle.user_messages(), self.user_id)).allowed:
+                raise FrameError("rate_limited", SENDING_TOO_FAST)
         except FrameError as err:
             metrics.rejected(err.code)
             await self.send(text_data=error_frame(err.code, err.text))
+            return
+        if self.revoked:  # revoked while the budget was asked for
             return
         try:
             message = await store_message(self.room.pk, self.scope["user"].pk, body)

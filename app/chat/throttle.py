@@ -12,12 +12,15 @@ Django), which honours X-Forwarded-For only from proxies gunicorn trusts
 (`FORWARDED_ALLOW_IPS`); no header is read here. An IPv6 client is counted
 by its /64, the block one subscriber gets.
 
-Without REDIS_URL (DEBUG only: `make run`) the buckets live in the process.
+Redis is one server (REDIS_URL) or the primary Redis Sentinel names
+(REDIS_SENTINELS): app/redis_config.py builds the clients either way.
+Without either (DEBUG only: `make run`) the buckets live in the process.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import math
 import threading
 import time
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from app.observability import metrics
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chat:limit:"
 TIMEOUT = 2.0  # seconds for one Redis round trip; longer counts as "Redis is down"
@@ -92,6 +97,13 @@ def rooms() -> Limit:
     return Limit("room", settings.CHAT_USER_ROOMS_PER_HOUR, 3600)
 
 
+def user_messages() -> Limit:
+    """CHAT_USER_RATE_PER_SECOND, bursts of CHAT_USER_RATE_BURST: one bucket per
+    user over all of that user's sockets, on every worker and host."""
+    rate, burst = settings.CHAT_USER_RATE_PER_SECOND, settings.CHAT_USER_RATE_BURST
+    return Limit("user-message", burst, burst / rate)
+
+
 def address_of(address: str | None) -> str:
     """The bucket name of a client address (from the scope / REMOTE_ADDR)."""
     if not address:
@@ -140,44 +152,61 @@ _clients: dict = {}
 _clients_lock = threading.Lock()
 
 
-def _url() -> str | None:
-    return settings.CHAT_LIMITS_REDIS_URL
+def _target():
+    """The Redis of the limits (app/redis_config.py), or None: in-process buckets.
+    settings.CHAT_LIMITS_REDIS_URL (one Redis; tests point it elsewhere) or
+    settings.CHAT_LIMITS_REDIS_SENTINEL (the primary the sentinels name)."""
+    from app.redis_config import RedisTarget
 
-
-def _options() -> dict:
-    options = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
-    if _url().startswith("rediss://") and settings.REDIS_TLS_INSECURE:
-        options["ssl_cert_reqs"] = "none"
-    return options
+    url = settings.CHAT_LIMITS_REDIS_URL
+    if url:
+        return RedisTarget(url=url, password=getattr(settings, "REDIS", None) and settings.REDIS.password,
+                           tls_insecure=settings.REDIS_TLS_INSECURE)
+    return getattr(settings, "CHAT_LIMITS_REDIS_SENTINEL", None)
 
 
 def _sync_script():
-    url = _url()
+    target = _target()
     with _clients_lock:
-        if ("sync", url) not in _clients:
-            import redis
-
-            client = redis.Redis.from_url(url, **_options())
-            _clients[("sync", url)] = client.register_script(GCRA)
-        return _clients[("sync", url)]
+        if ("sync", target) not in _clients:
+            client = target.sync_client(socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+            _clients[("sync", target)] = client.register_script(GCRA)
+        return _clients[("sync", target)]
 
 
-def _async_script():
-    # redis-py's asyncio pool belongs to one event loop: one client per loop.
-    url, loop = _url(), asyncio.get_running_loop()
-    key = ("async", url, id(loop))
-    script = _clients.get(key)
-    if script is None or script[0] is not loop:
-        import redis.asyncio
+def shared() -> bool:
+    """Whether the limits live in Redis (else in-process buckets: DEBUG without Redis)."""
+    return _target() is not None
 
+
+def async_redis():
+    """This event loop's client of the limits' Redis (also app/chat/slots.py's).
+    redis-py's asyncio pool belongs to one event loop: one client per loop."""
+    target, loop = _target(), asyncio.get_running_loop()
+    key = ("async", target, id(loop))
+    client = _clients.get(key)
+    if client is None or client[0] is not loop:
         # redis-py's default asyncio pool refuses the 101st concurrent command
         # ("Too many connections"): a burst of handshakes would read as "Redis
         # down". A blocking pool makes them wait their turn (one EVALSHA is
         # well under a millisecond) and fails only after TIMEOUT.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=TIMEOUT, **_options())
-        client = redis.asyncio.Redis(connection_pool=pool)
-        script = _clients[key] = (loop, client.register_script(GCRA))
+        client = _clients[key] = (loop, target.async_client(max_connections=POOL_SIZE, timeout=TIMEOUT,
+                                                           socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT))
+    return client[1]
+
+
+def async_script(source: str):
+    """`source` registered on this event loop's client (EVALSHA, EVAL on a miss)."""
+    client = async_redis()
+    key = ("script", id(client), source)
+    script = _clients.get(key)
+    if script is None or script[0] is not client:
+        script = _clients[key] = (client, client.register_script(source))
     return script[1]
+
+
+def _async_script():
+    return async_script(GCRA)
 
 
 # --- in-process (DEBUG without Redis) -------------------------------------------
@@ -197,10 +226,19 @@ def _memory_hit(key: str, limit: Limit) -> int:
         return 0
 
 
+def _memory_prune() -> None:
+    """Drop full buckets (their TAT is in the past): they hold nothing."""
+    now = time.monotonic() * 1000.0
+    with _memory_lock:
+        for key in [k for k, tat in _memory.items() if tat < now]:
+            del _memory[key]
+
+
 def reset_local() -> None:
     """Empty the in-process buckets (tests)."""
     with _memory_lock:
         _memory.clear()
+    _fallback.update(until=0.0, down=False)
 
 
 # --- the API -------------------------------------------------------------------
@@ -209,7 +247,7 @@ def reset_local() -> None:
 def hit(limit: Limit, identity) -> Verdict:
     """Take one token from `identity`'s bucket (sync: views). Raises Unavailable."""
     key = _key(limit, identity)
-    if _url() is None:
+    if _target() is None:
         return _verdict(_memory_hit(key, limit), limit)
     try:
         wait = _sync_script()(keys=[key], args=[limit.interval_ms, limit.window_ms])
@@ -221,10 +259,44 @@ def hit(limit: Limit, identity) -> Verdict:
 async def ahit(limit: Limit, identity) -> Verdict:
     """Take one token from `identity`'s bucket (async: the websocket guard). Raises Unavailable."""
     key = _key(limit, identity)
-    if _url() is None:
+    if _target() is None:
         return _verdict(_memory_hit(key, limit), limit)
     try:
         wait = await asyncio.wait_for(_async_script()(keys=[key], args=[limit.interval_ms, limit.window_ms]), TIMEOUT)
     except _store_errors() as exc:
         raise Unavailable(f"{type(exc).__name__}: {exc}") from None
     return _verdict(int(wait), limit)
+
+
+# How long a process counts alone after the shared store failed, before it
+# tries Redis again (a dead Redis must not cost every message a timeout).
+LOCAL_FALLBACK_SECONDS = 1.0
+_fallback = {"until": 0.0, "down": False}
+
+
+async def ahit_or_local(limit: Limit, identity) -> Verdict:
+    """Like `ahit`, but while Redis cannot be reached this process keeps the
+    bucket itself instead of refusing. For the per-user message budget
+    (app/chat/consumers.py): a Redis restart must not silence every open
+    socket (messages stored meanwhile reach everybody through the resync), and
+    the budget still holds per process, so a user gets at most workers x hosts
+    times it for the length of the outage, never "unlimited"."""
+    key = _key(limit, identity)
+    if not shared():
+        return _verdict(_memory_hit(key, limit), limit)
+    now = time.monotonic()
+    if now >= _fallback["until"]:
+        try:
+            verdict = await ahit(limit, identity)
+        except Unavailable as exc:
+            if not _fallback["down"]:
+                log.warning("rate-limit store unavailable (%s); counting %s per process meanwhile", exc, limit.name)
+            _fallback.update(until=now + LOCAL_FALLBACK_SECONDS, down=True)
+            if len(_memory) > 10000:
+                _memory_prune()
+        else:
+            if _fallback["down"]:
+                log.info("rate-limit store reachable again; %s shared again", limit.name)
+                _fallback["down"] = False
+            return verdict
+    return _verdict(_memory_hit(key, limit), limit)

@@ -6,4 +6,5 @@ app_name = "chat"
 urlpatterns = [
     path("", views.rooms, name="rooms"),
     path("rooms/<int:room_id>/", views.room, name="room"),
+    path("rooms/<int:room_id>/delete/", views.delete_room, name="delete_room"),
 ]

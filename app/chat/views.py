@@ -5,8 +5,10 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.paginator import Paginator
+from django.http import HttpResponseForbidden
 from django.db import IntegrityError, transaction
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
 
 from app.chat import throttle
 from app.chat.forms import RoomForm
@@ -73,6 +75,23 @@ def rooms(request):
     return response
 
 
+def can_delete(user, room) -> bool:
+    return user.is_staff or (room.created_by_id is not None and room.created_by_id == user.pk)
+
+
+@login_required
+@require_POST
+def delete_room(request, room_id):
+    """The room's creator (or staff) deletes it with its messages; its open
+    sockets on every worker close with "room deleted" (app/chat/signals.py)."""
+    room = get_object_or_404(Room, pk=room_id)
+    if not can_delete(request.user, room):
+        # An answer, not PermissionDenied: that logs a traceback per refusal.
+        return HttpResponseForbidden("Only the room's creator or staff can delete it.", content_type="text/plain")
+    room.delete()
+    return redirect("chat:rooms")
+
+
 @login_required
 def room(request, room_id):
     room = get_object_or_404(Room, pk=room_id)
@@ -96,5 +115,6 @@ def room(request, room_id):
             "ws_path": ws_path,
             "ws_url": websocket_absolute_url(ws_path),
             "max_length": settings.CHAT_MAX_MESSAGE_LENGTH,
+            "can_delete": can_delete(request.user, room),
         },
     )

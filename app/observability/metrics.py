@@ -13,7 +13,7 @@ What is counted (README "Observability"):
 - chat_websocket_connections: open chat sockets (live sum over the workers);
 - chat_websocket_handshakes_total{outcome}: every websocket handshake, by how
   it ended (accepted, unauthenticated, no_room, bad_path, bad_host,
-  bad_origin, rate_limited, unavailable);
+  bad_origin, rate_limited, too_many_sockets, unavailable);
 - chat_messages_stored_total; chat_messages_rejected_total{reason} (the
   error frame's code: binary, too_long, bad_json, missing_message, empty,
   bad_text, rate_limited, or not_saved when storing failed);
@@ -22,8 +22,10 @@ What is counted (README "Observability"):
   moment a worker took a message to store it to the moment each live copy
   was written to a socket (the fan-out latency users feel);
 - chat_resync_runs_total, chat_resync_frames_total (app/chat/resync.py);
-- chat_rate_limited_total{limit}: refusals by a limit (frame, handshake,
-  login, signup, room, account);
+- chat_rate_limited_total{limit}: refusals by a limit (frame: a socket's own
+  rate; user-message: a user's messages over all sockets; sockets: a user's
+  open sockets; handshake, login, signup: per address; room: rooms created
+  per user; account: django-axes' lockout);
 - process_*: per worker (pid label) memory, file descriptors and start
   time; process_cpu_seconds_total summed over the instance's workers.
 
@@ -54,10 +56,12 @@ FLUSH_SECONDS = 1.0
 PROCESS_SECONDS = 5.0
 
 HANDSHAKE_OUTCOMES = ("accepted", "unauthenticated", "no_room", "bad_path", "bad_host", "bad_origin",
-                      "rate_limited", "unavailable")
+                      "rate_limited", "too_many_sockets", "unavailable")
 REJECT_REASONS = ("binary", "too_long", "bad_json", "missing_message", "empty", "bad_text", "rate_limited",
                   "not_saved")
-LIMITS = ("frame", "handshake", "login", "signup", "room", "account")
+# The limit names of app/chat/throttle.py's buckets, plus the socket's own
+# frame bucket, the per-user socket slots and django-axes' account lockout.
+LIMITS = ("frame", "user-message", "sockets", "handshake", "login", "signup", "room", "account")
 # Label values outside the lists above (a code added later) are counted as
 # themselves, up to this many per metric; then as "other": never unbounded.
 MAX_EXTRA_LABELS = 20
@@ -145,8 +149,6 @@ def stored(count: int = 1) -> None:
 
 def rejected(reason: str) -> None:
     _child(_rejected, REJECTED, reason).inc()
-    if reason == "rate_limited":
-        rate_limited("frame")
 
 
 def rate_limited(limit: str) -> None:

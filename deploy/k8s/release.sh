@@ -24,5 +24,10 @@ if ! $kubectl -n "$ns" wait --for=condition=complete job/chat-migrate --timeout=
   echo "release.sh: migrations failed; the old pods keep serving" >&2
   exit 1
 fi
-$kubectl -n "$ns" rollout status deployment/chat-redis --timeout=5m
+# Redis: the Deployment, or the StatefulSet of components/redis-sentinel.
+if $kubectl -n "$ns" get statefulset/chat-redis >/dev/null 2>&1; then
+  $kubectl -n "$ns" rollout status statefulset/chat-redis --timeout=5m
+else
+  $kubectl -n "$ns" rollout status deployment/chat-redis --timeout=5m
+fi
 $kubectl -n "$ns" rollout status deployment/chat-web --timeout=15m

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.faults import results
-from tests.faults.conftest import cookie_header, log_problems, tag
+from tests.faults import accounts, results
+from tests.faults.conftest import log_problems, tag
 from tests.faults.swarm import Swarm, summary_ms
 from tests.harness import chat_client as cc
 
@@ -48,14 +48,17 @@ def latencies(swarm: Swarm, listeners, label: str) -> list[float]:
     return out
 
 
-def test_flood_is_throttled_and_others_keep_normal_latency(stack, users, make_room):
+def test_flood_is_throttled_and_others_keep_normal_latency(stack, make_room):
     room = make_room()
-    cookies = itertools.cycle([cookie_header(u) for u in users[:4]])
-    swarm = Swarm(stack.port, {room: [next(cookies) for _ in range(TALKERS + LISTENERS)]})
+    # Each talker its own account (2 messages a second, under the per-user
+    # budget of 5), listeners 3 per account (under CHAT_MAX_SOCKETS_PER_USER):
+    # only the flooder may be throttled.
+    *people, flooding_account = accounts.seed(stack.env, TALKERS + 1)
+    listeners_of = itertools.cycle(people)
+    swarm = Swarm(stack.port, {room: [p.cookie() for p in people] + [next(listeners_of).cookie() for _ in range(LISTENERS)]})
     swarm.start()
     talkers, listeners = swarm.clients[:TALKERS], swarm.clients[TALKERS:]
     ep = cc.endpoint(stack.url)
-    flooder_user = users[5]
     run = tag()
     flood = {"sent": 0, "errors": {}, "stored": 0, "seconds": 0.0}
     try:
@@ -64,7 +67,7 @@ def test_flood_is_throttled_and_others_keep_normal_latency(stack, users, make_ro
         time.sleep(1.0)
 
         def flooder():
-            with ep.websocket(f"/ws/rooms/{room}/?after=999999999999", flooder_user.cookies) as ws:
+            with ep.websocket(f"/ws/rooms/{room}/?after=999999999999", {"sessionid": flooding_account.sessions[0]}) as ws:
                 started = time.monotonic()
                 reader_done = threading.Event()
 

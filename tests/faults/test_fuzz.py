@@ -119,7 +119,10 @@ def oracle(frame) -> tuple[str, str | None]:
 
 @pytest.fixture(scope="module")
 def fuzz_stack(spawn):
-    return spawn(CHAT_RATE_PER_SECOND="100000", CHAT_RATE_BURST="100000")
+    # The oracle predicts the answer to each frame, not the rate limits (their
+    # own tests: test_flood.py, test_user_limits.py): per socket and per user lifted.
+    return spawn(CHAT_RATE_PER_SECOND="100000", CHAT_RATE_BURST="100000",
+                 CHAT_USER_RATE_PER_SECOND="100000", CHAT_USER_RATE_BURST="100000")
 
 
 def test_fuzzed_frames_get_exact_answers_and_no_server_errors(fuzz_stack, users, make_room):

@@ -105,9 +105,12 @@ def _terminate(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout=15):
 
 
 class RedisServer:
-    def __init__(self, password: str | None = None):
-        self.port = free_port()
+    def __init__(self, password: str | None = None, port: int | None = None, args: tuple = ()):
+        self.port = port or free_port()
         self.password = password
+        self.args = list(args)  # extra redis-server arguments (e.g. --replicaof)
+        # Its working directory: a replica writes the primary's snapshot there.
+        self.dir = tempfile.mkdtemp(prefix="chat-redis-")
         self.proc = None
 
     @property
@@ -117,10 +120,12 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--daemonize", "no", "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
+               "--daemonize", "no", "--maxmemory-policy", "noeviction", "--loglevel", "warning", "--dir", self.dir]
         if self.password:
-            cmd += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # masterauth too: a server that Sentinel turns into a replica must
+            # authenticate to its new primary.
+            cmd += ["--requirepass", self.password, "--masterauth", self.password]
+        self.proc = subprocess.Popen(cmd + self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _started(self)
         wait_for_port(self.port, proc=self.proc, what="redis-server")
         return self
@@ -129,7 +134,168 @@ class RedisServer:
         _terminate(self.proc)
         _stopped(self)
 
+    def kill(self):
+        """SIGKILL: no shutdown, as a crashed process or a lost host."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        _stopped(self)
+
+    def client(self, **kwargs):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5, **kwargs)
+
+    def role(self) -> str:
+        """"master" or "slave" (INFO replication), "down" when it does not answer."""
+        try:
+            with self.client() as r:
+                return r.info("replication")["role"]
+        except Exception:
+            return "down"
+
     restart = start
+
+
+class RedisSentinel:
+    """One `redis-server --sentinel` on 127.0.0.1 watching `master` at
+    127.0.0.1:`primary_port`. Sentinel rewrites its config file, so each has
+    its own directory."""
+
+    def __init__(self, master: str, primary_port: int, *, quorum: int = 2, password: str | None = None,
+                 auth_pass: str | None = None, down_after_ms: int = 1000, failover_timeout_ms: int = 6000):
+        self.port = free_port()
+        self.master, self.password = master, password
+        self.dir = Path(tempfile.mkdtemp(prefix="chat-sentinel-"))
+        lines = [f"port {self.port}", "bind 127.0.0.1", "daemonize no", f"dir {self.dir}", "loglevel notice",
+                 f"logfile {self.dir / 'sentinel.log'}",
+                 f"sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}",
+                 f"sentinel down-after-milliseconds {master} {down_after_ms}",
+                 f"sentinel failover-timeout {master} {failover_timeout_ms}",
+                 f"sentinel parallel-syncs {master} 1"]
+        if auth_pass:
+            lines.append(f"sentinel auth-pass {master} {auth_pass}")
+        if password:
+            # The sentinels' own password (clients: REDIS_SENTINEL_PASSWORD),
+            # which they also use to talk to each other.
+            lines += [f"requirepass {password}", f"sentinel sentinel-pass {password}"]
+        (self.dir / "sentinel.conf").write_text("\n".join(lines) + "\n")
+        self.proc = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "RedisSentinel":
+        self.proc = subprocess.Popen(["redis-server", str(self.dir / "sentinel.conf"), "--sentinel"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _started(self)
+        wait_for_port(self.port, proc=self.proc, what="redis-sentinel")
+        return self
+
+    def client(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
+
+    def master_port(self) -> int | None:
+        try:
+            with self.client() as r:
+                addr = r.sentinel_get_master_addr_by_name(self.master)
+        except Exception:
+            return None
+        return int(addr[1]) if addr else None
+
+    def log(self) -> str:
+        path = self.dir / "sentinel.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self):
+        _terminate(self.proc)
+        _stopped(self)
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelRedis:
+    """A primary, a replica and three sentinels on 127.0.0.1: the smallest
+    Redis Sentinel deployment that survives the loss of any one process."""
+
+    def __init__(self, master: str = "chat", *, down_after_ms: int = 1000, failover_timeout_ms: int = 6000,
+                 password: str | None = None, sentinel_password: str | None = None, sentinels: int = 3):
+        self.master = master
+        self.password = password if password is not None else secrets.token_hex(16)
+        self.sentinel_password = sentinel_password if sentinel_password is not None else secrets.token_hex(16)
+        self.servers = [RedisServer(password=self.password)]
+        self.servers.append(RedisServer(password=self.password, args=("--replicaof", "127.0.0.1", str(self.servers[0].port))))
+        self.sentinels = [RedisSentinel(master, self.servers[0].port, quorum=2, password=self.sentinel_password,
+                                        auth_pass=self.password, down_after_ms=down_after_ms,
+                                        failover_timeout_ms=failover_timeout_ms) for _ in range(sentinels)]
+
+    def start(self, timeout: float = 30.0) -> "SentinelRedis":
+        for server in self.servers:
+            server.start()
+        for sentinel in self.sentinels:
+            sentinel.start()
+        self.wait(lambda: self.servers[1].role() == "slave" and self._replica_in_sync(), timeout, "replica in sync")
+        # Every sentinel knows the others and the replica before a test kills anything.
+        self.wait(lambda: all(self._sentinel_sees_all(s) for s in self.sentinels), timeout, "sentinels see each other")
+        return self
+
+    def _replica_in_sync(self) -> bool:
+        try:
+            with self.servers[1].client() as r:
+                return r.info("replication").get("master_link_status") == "up"
+        except Exception:
+            return False
+
+    def _sentinel_sees_all(self, sentinel) -> bool:
+        try:
+            with sentinel.client() as r:
+                state = r.sentinel_master(self.master)
+                replicas = r.sentinel_slaves(self.master)
+        except Exception:
+            return False
+        return (int(state.get("num-other-sentinels", 0)) >= len(self.sentinels) - 1
+                and any(not rep.get("is_sdown") and not rep.get("is_odown") for rep in replicas))
+
+    @staticmethod
+    def wait(predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout}s waiting for: {what}")
+            time.sleep(0.1)
+
+    def env(self) -> dict:
+        """The app's settings for these sentinels (README: Settings)."""
+        return {"REDIS_SENTINELS": ",".join(s.address for s in self.sentinels), "REDIS_SENTINEL_MASTER": self.master,
+                "REDIS_PASSWORD": self.password, "REDIS_SENTINEL_PASSWORD": self.sentinel_password}
+
+    def primary_port(self) -> int | None:
+        """The primary as a majority of the sentinels name it."""
+        ports = [s.master_port() for s in self.sentinels]
+        best = max(set(ports), key=ports.count)
+        return best if ports.count(best) * 2 > len(ports) else None
+
+    def primary(self) -> RedisServer:
+        port = self.primary_port()
+        return next(s for s in self.servers if s.port == port)
+
+    def replicas(self) -> list[RedisServer]:
+        port = self.primary_port()
+        return [s for s in self.servers if s.port != port]
+
+    def stop(self):
+        for thing in [*self.sentinels, *self.servers]:
+            try:
+                thing.stop()
+            except Exception:
+                pass
+        for sentinel in self.sentinels:
+            shutil.rmtree(sentinel.dir, ignore_errors=True)
 
 
 class PostgresServer:

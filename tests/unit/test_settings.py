@@ -167,3 +167,12 @@ def test_gunicorn_boots_with_renders_generated_key():
         proc.send_signal(signal.SIGINT)  # quick shutdown
         output += proc.communicate(timeout=30)[0]
     assert "Booting worker" in output and "Configuration error" not in output, output
+
+
+def test_per_user_limits_defaults_and_a_bad_value_named():
+    out = run(GOOD, PRINT.format("(s.CHAT_MAX_SOCKETS_PER_USER, s.CHAT_USER_RATE_PER_SECOND, s.CHAT_USER_RATE_BURST, "
+                                 "s.CHAT_SESSION_RECHECK_INTERVAL)"))
+    assert out.stdout.strip() == "(10, 5.0, 10, 30.0)", out.stderr
+    # the backstop cannot be switched off
+    out = run({**GOOD, "CHAT_SESSION_RECHECK_INTERVAL": "0"})
+    assert out.returncode != 0 and "CHAT_SESSION_RECHECK_INTERVAL" in out.stderr

@@ -159,3 +159,29 @@ def test_a_taken_room_name_is_a_form_error(client, alice):
     Room.objects.create(name="taken")
     r = client.post("/", {"name": "taken"}, **HOST)
     assert r.status_code == 200 and "Room with this Name already exists." in r.content.decode()
+
+
+def test_room_deletion_by_its_creator_or_staff_only(client, alice):
+    from django.test import Client
+
+    room = Room.objects.create(name="doomed", created_by=alice)
+    Message.objects.create(room=room, author=alice, body="bye")
+    page = client.get(f"/rooms/{room.pk}/", **HOST).content.decode()
+    assert 'id="delete-room"' in page  # the creator sees the button
+    assert client.get(f"/rooms/{room.pk}/delete/", **HOST).status_code == 405  # POST only
+
+    bob = Client()
+    bob.force_login(User.objects.create_user("bob", password="pw-unused-123"))
+    assert 'id="delete-room"' not in bob.get(f"/rooms/{room.pk}/", **HOST).content.decode()
+    refused = bob.post(f"/rooms/{room.pk}/delete/", **HOST)
+    assert refused.status_code == 403 and Room.objects.filter(pk=room.pk).exists()
+
+    r = client.post(f"/rooms/{room.pk}/delete/", **HOST)
+    assert r.status_code == 302 and r["Location"] == "/"
+    assert not Room.objects.filter(pk=room.pk).exists() and not Message.objects.exists()
+
+    other = Room.objects.create(name="someone else's", created_by=alice)
+    staff = Client()
+    staff.force_login(User.objects.create_user("admin", password="pw-unused-123", is_staff=True))
+    assert staff.post(f"/rooms/{other.pk}/delete/", **HOST).status_code == 302
+    assert client.post("/rooms/999999/delete/", **HOST).status_code == 404

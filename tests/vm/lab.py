@@ -87,6 +87,7 @@ class Lab:
 
     def __init__(self, workdir: Path, with_lb: bool = False):
         self.with_lb = with_lb
+        self.redis_primary = "data"
         self.lb: LoadBalancer | None = None
         self.prefix = f"cvm-{secrets.token_hex(3)}"
         self.network = f"{self.prefix}-net"
@@ -196,11 +197,13 @@ class Lab:
         import yaml
 
         groups = {}
-        for group in ("web", "db", "redis"):
-            groups[group] = {"hosts": {
-                h.name: {"ansible_host": "127.0.0.1", "ansible_port": h.ports[22]}
-                for h in self.hosts.values() if group in h.groups
-            }}
+        for group in ("web", "db", "redis", "redis_sentinel"):
+            # The first `redis` host is the primary (the Sentinel layout's first deploy).
+            members = sorted((h for h in self.hosts.values() if group in h.groups),
+                             key=lambda h: group == "redis" and h.name != self.redis_primary)
+            if members or group != "redis_sentinel":  # no redis_sentinel group: the single-Redis layout
+                groups[group] = {"hosts": {h.name: {"ansible_host": "127.0.0.1", "ansible_port": h.ports[22]}
+                                           for h in members}}
         inventory = {"all": {
             "vars": {
                 "ansible_user": "root",

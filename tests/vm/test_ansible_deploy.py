@@ -175,6 +175,24 @@ def test_app_port_is_not_reachable_from_other_hosts(lab, deployed, name, prober)
     assert f"{lab.hosts['data'].address}/32" in props and "127.0.0.0/8" in props, props
 
 
+def test_a_public_port_other_than_443_reaches_the_app_with_its_port(lab, deployed):
+    """Users who reach nginx on another port (a NAT, :8443) send it in Host and
+    Origin; nginx must pass the Host on as sent ($http_host, not $host, which
+    drops the port), or the websocket Origin check (scheme, host and port)
+    refuses the site's own page. A logged-in user's handshake is accepted, and
+    the same with a foreign port in the Origin is refused (control)."""
+    public = f"{DOMAIN}:8443"
+    ep = Endpoint(lab.hosts["web1"].https_url, public, https_proxy=False, insecure=True)
+    user = chat_client.new_user(ep)
+    room = chat_client.create_room(user)
+    with ep.websocket(f"/ws/rooms/{room}/", user.cookies) as ws:
+        chat_client.send(ws, "through port 8443")
+        assert chat_client.wait_for_text(ws, "through port 8443")
+    with pytest.raises(Exception) as refused:
+        ep.websocket(f"/ws/rooms/{room}/", user.cookies, origin=f"https://{DOMAIN}:9443").close()
+    assert "403" in str(refused.value), refused.value
+
+
 def test_rolling_redeploy_keeps_clients(lab, source, deployed):
     """A new release while clients are connected: one web host restarts at a
     time, never both; clients reconnect and miss no message."""

@@ -75,9 +75,42 @@
     status.textContent = "connected";
     status.dataset.state = "open";
   });
-  document.body.addEventListener("htmx:wsClose", function () {
-    status.textContent = "reconnecting…";
-    status.dataset.state = "closed";
+  // Close codes after which the server will not take this socket back:
+  // htmx-ext-ws reconnects only after 1006, 1011, 1012 and 1013, so the page
+  // says why it stopped (the error frame before the close has the details)
+  // instead of looking like it is still trying.
+  var ENDED = {
+    4401: { state: "signed out", link: "chat-sign-in" }, // logout, password changed, user or session deleted
+    4403: { state: "account disabled" },
+    4404: { state: "room deleted", link: "chat-rooms" },
+    1008: { state: "refused" } // e.g. too many connections for this account
+  };
+  var ended = false;
+  document.body.addEventListener("htmx:wsClose", function (evt) {
+    var code = evt.detail && evt.detail.event ? evt.detail.event.code : 0;
+    var end = ENDED[code];
+    if (!end) {
+      if (ended) return;
+      status.textContent = "reconnecting…";
+      status.dataset.state = "closed";
+      return;
+    }
+    ended = true;
+    status.textContent = end.state;
+    status.dataset.state = "ended";
+    var form = document.getElementById("send-form");
+    if (form) {
+      var fields = form.querySelectorAll("input, button");
+      for (var i = 0; i < fields.length; i++) fields[i].disabled = true;
+    }
+    var panel = document.getElementById("chat-ended");
+    if (panel) {
+      var err = document.getElementById("chat-error");
+      panel.querySelector(".why").textContent = (err && err.textContent) || end.state;
+      if (end.link) document.getElementById(end.link).hidden = false;
+      panel.dataset.code = String(code);
+      panel.hidden = false;
+    }
   });
   box.scrollTop = box.scrollHeight;
 })();
