@@ -11,6 +11,8 @@ resync pass comes from the Redis restart below). A scripted scenario:
    anonymous ones from one address over its limit of 4 a minute;
 3. five messages from one socket (each waited for on all four), one frame
    of each bad kind, then a burst of 15 from another socket (burst 12);
+   then one user over its socket limit (2) and, from two sockets, one
+   message over its message budget (20, over all its sockets);
 4. three logins from one address (limit 2 a minute);
 5. Redis stopped, two messages sent (stored; only the sender sees them),
    Redis started: the resync sends them to the three others;
@@ -56,6 +58,8 @@ TOKEN = secrets.token_urlsafe(32)
 BURST = 12
 HANDSHAKE_LIMIT = 4
 LOGIN_LIMIT = 2
+SOCKETS_PER_USER = 2
+USER_BURST = 20  # messages per user over all sockets (refills at 0.1/s: nothing refills during the test)
 MAX_LENGTH = 200
 SETTLE = 10.0  # seconds to wait for a scrape to show what was done (counts are flushed every second)
 FLUSH_SECONDS = 1.0  # app/observability/metrics.py
@@ -67,7 +71,9 @@ def metered(spawn):
     gunicorn = spawn(METRICS_TOKEN=TOKEN, METRICS_PORT=free_port(), LOG_LEVEL="debug",
                      CHAT_RATE_PER_SECOND="0.1", CHAT_RATE_BURST=str(BURST), CHAT_MAX_MESSAGE_LENGTH=str(MAX_LENGTH),
                      CHAT_ADDRESS_HANDSHAKES_PER_MINUTE=str(HANDSHAKE_LIMIT),
-                     CHAT_ADDRESS_LOGINS_PER_MINUTE=str(LOGIN_LIMIT), CHAT_RESYNC_INTERVAL="0")
+                     CHAT_ADDRESS_LOGINS_PER_MINUTE=str(LOGIN_LIMIT), CHAT_RESYNC_INTERVAL="0",
+                     CHAT_MAX_SOCKETS_PER_USER=str(SOCKETS_PER_USER), CHAT_USER_RATE_PER_SECOND="0.1",
+                     CHAT_USER_RATE_BURST=str(USER_BURST))
     gunicorn.metrics_port = int(gunicorn.env["METRICS_PORT"])
     return gunicorn
 
@@ -327,6 +333,43 @@ def test_every_counter_matches_the_scripted_scenario(metered, users, make_room, 
     settle(g, expected, "messages, bad frames and a flood")
     checkpoints += 1
 
+    # 3b. one user's limits: a third socket over CHAT_MAX_SOCKETS_PER_USER, and
+    # messages over the user's budget from two sockets each under its own rate.
+    room2 = make_room()
+    mine = [Client(g, users[5], room2, f"127.0.14.{n}", expected) for n in (1, 2)]
+    third = ws_client.connect(
+        f"ws://127.0.0.1:{port}/ws/rooms/{room2}/?after=0", origin=f"https://127.0.0.1:{port}",
+        additional_headers={"Cookie": cookie_header(users[5]), "X-Forwarded-Proto": "https"},
+        local_addr=("127.0.14.3", 0), open_timeout=20, close_timeout=2, ping_interval=None)
+    frames = []
+    try:
+        while True:
+            frames.append(third.recv(timeout=10))
+    except ConnectionClosed:
+        pass
+    assert third.close_code == 1008 and any('data-error="too_many_sockets"' in f for f in frames), (third.close_code, frames)
+    expected.handshake("too_many_sockets")
+    expected.limited("sockets")
+    first_half = [f"mine {n} {secrets.token_hex(3)}" for n in range(BURST)]
+    for text in first_half:
+        mine[0].send(text)
+    for c in mine:
+        c.wait_for(first_half[-1])
+    second_half = [f"mine {n} {secrets.token_hex(3)}" for n in range(BURST, USER_BURST + 1)]
+    for text in second_half:
+        mine[1].send(text)
+    mine[1].wait_error("rate_limited")
+    for c in mine:
+        c.wait_for(second_half[-2])
+    expected.live(USER_BURST, 2)
+    expected.rejected("rate_limited")
+    expected.limited("user-message")
+    for c in mine:
+        c.close()
+    expected.add("chat_websocket_connections", -2)
+    settle(g, expected, "one user's socket and message limits")
+    checkpoints += 1
+
     # 4. logins over the per-address limit.
     browser = Browser(port, "127.0.12.1")
     statuses = []
@@ -423,7 +466,7 @@ def test_every_counter_matches_the_scripted_scenario(metered, users, make_room, 
     results.record(
         "metrics_scenario",
         scenario="Metrics on the real stack (2 workers): a scripted scenario, then a worker SIGKILLed",
-        checked="after each of 8 steps, every chat_* sample (counters by label, the connections gauge, the delivery "
+        checked="after each step, every chat_* sample (counters by label, the connections gauge, the delivery "
                 "histogram's count) equals what the test did, through the app port with the bearer token and through "
                 "METRICS_PORT, and again a flush interval later; a message delivered, 3 s without any scrape, then a "
                 "worker SIGKILLed: its counts (that message's included) stay, its sockets and its pid's process "
