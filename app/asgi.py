@@ -11,14 +11,19 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from app.channels_urls import router_patterns  # noqa: E402
 from app.chat.guard import WebsocketGuard  # noqa: E402
+from app.observability.endpoint import Observability  # noqa: E402
+from app.observability.logs import WebsocketUser  # noqa: E402
 
-application = ProtocolTypeRouter(
+# Observability (app/observability/endpoint.py), outermost: /metrics for
+# scrapers (a bearer token on the app port, none on METRICS_PORT) before any
+# Host check, and a request/connection id for every log line.
+application = Observability(ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         # WebsocketGuard (app/chat/guard.py): path, Host and Origin (scheme, host
         # and port) checked, handshakes per client address limited, all before
         # the session lookup; database/Redis down at the handshake answered with
         # an error frame and 1013 instead of a 500.
-        "websocket": WebsocketGuard(AuthMiddlewareStack(URLRouter(router_patterns))),
+        "websocket": WebsocketGuard(AuthMiddlewareStack(WebsocketUser(URLRouter(router_patterns)))),
     }
-)
+))

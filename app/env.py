@@ -107,3 +107,21 @@ def secret_key_problem(value: str) -> str | None:
     if "insecure" in value.lower():
         return "it is marked insecure (a development or example key)"
     return None
+
+
+METRICS_TOKEN_MIN_LENGTH = 32
+# RFC 6750's token68: what may follow "Bearer " in an Authorization header.
+_TOKEN68 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
+
+
+def metrics_token_problem(value: str) -> str | None:
+    """Why METRICS_TOKEN cannot be a scraper's bearer token, or None: at least
+    32 characters (secrets.token_urlsafe(32) gives 43), at least 10 different,
+    only the characters a bearer token may have."""
+    if len(value) < METRICS_TOKEN_MIN_LENGTH:
+        return f"it is {len(value)} characters long; use at least {METRICS_TOKEN_MIN_LENGTH} random characters"
+    if set(value) - _TOKEN68:
+        return "it has characters a bearer token cannot carry (use letters, digits and - . _ ~ + /)"
+    if len(set(value)) < SECRET_KEY_MIN_DISTINCT:
+        return f"it has only {len(set(value))} different characters; use a random value"
+    return None

@@ -13,6 +13,7 @@ from pathlib import Path
 import dj_database_url
 
 from app import env, redis_config
+from app.observability.logs import FORMATTERS
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -88,6 +89,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # The signed-in user's id for this request's log lines (LOG_FORMAT=json).
+    "app.observability.logs.UserMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Logins and sign-ups per client address (HTTP 429); Redis down: 503.
@@ -286,10 +289,29 @@ SILENCED_SYSTEM_CHECKS = [
     *(["axes.W001"] if not REDIS else []),
 ]
 
+# Observability (app/observability/, README "Observability") -------------------
+# /metrics on the app port only for `Authorization: Bearer <METRICS_TOKEN>`;
+# unset: no metrics there (a 404 like any unknown path).
+METRICS_TOKEN = env.get_str("METRICS_TOKEN", None)
+if METRICS_TOKEN and (_weak := env.metrics_token_problem(METRICS_TOKEN)):
+    raise env.ConfigError(
+        f"METRICS_TOKEN is unusable: {_weak}. Generate one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    )
+# /metrics without a token on this second port (gunicorn.conf.py binds it on
+# METRICS_ADDRESS); 0: none.
+METRICS_PORT = env.get_int("METRICS_PORT", 0, minimum=1)
+if METRICS_PORT > 65535:
+    raise env.ConfigError(f"METRICS_PORT must be a TCP port (1-65535), got {METRICS_PORT}")
+if METRICS_PORT and METRICS_PORT == env.get_int("PORT", 8000, minimum=1):
+    raise env.ConfigError(f"METRICS_PORT must differ from PORT ({METRICS_PORT}): the app port never serves metrics "
+                          "without a token")
+LOG_FORMAT = env.get_choice("LOG_FORMAT", "plain", ("plain", "json"))
+LOG_LEVEL = env.get_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "plain"}},
-    "root": {"handlers": ["stdout"], "level": env.get_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")).upper()},
+    "formatters": {"default": FORMATTERS[LOG_FORMAT]},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "default"}},
+    "root": {"handlers": ["stdout"], "level": LOG_LEVEL},
 }

@@ -210,6 +210,89 @@ def _dev_notes() -> str:
     return DEV_NOTES.format(dev_rows="\n".join(rows), idle_before=idle["deflate"], idle_after=idle["none"])
 
 
+METRICS_NOTES = """\
+## The cost of metrics
+
+`METRICS_TOKEN` set (prometheus_client's multiprocess mode on: every worker counts handshakes,
+messages, rejections and, per delivered frame, one count and one latency observation, written to
+the shared files once a second) against unset, on the same workload (1,000 clients in 50 rooms of
+20, pubsub layer, 2 workers, 8 s steps), in {pairs} pairs of runs alternating off/on on the shared
+2-core machine; medians over the runs; "other" is what other jobs used of the 2 CPUs meanwhile
+(bench/results/metrics/, `python -m bench --configs pubsub:2 --loads {loads} --idle 0 [--env METRICS_TOKEN=...]`):
+
+| offered deliveries/s | off: app CPU µs per delivery, delivered/s, p99 | on: app CPU µs per delivery, delivered/s, p99 | CPU per delivery, on vs off |
+|---|---|---|---|
+{rows}
+
+Knee (p99 ≤ 250 ms, nothing lost) per run, off: {knees_off}; on: {knees_on}. Median app CPU per
+delivery over the unsaturated steps: off {cpu_off:.1f} µs, on {cpu_on:.1f} µs ({cost:+.1f} %; goal: under 5 %).
+Mean CPU used by other jobs during the runs: {other:.2f} of 2.{profile}
+"""
+
+PROFILE_NOTE = """
+
+Where the difference is too small for two runs to show it, the profile does: with metrics on, at
+{offered:,.0f} offered deliveries/s ({delivered:,.0f}/s delivered), {metrics_samples} of {samples:,} py-spy samples
+of the workers ({percent:.2f} %) were in the metrics and JSON-log code (app/observability/ and
+prometheus_client; `python -m bench --profile --profile-load 8000 --env METRICS_TOKEN=...`, then
+`python -m bench.metrics_cost RUN_DIR`; bench/results/metrics/profile-on/metrics-share.json)."""
+
+
+def _median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _metrics_notes() -> str:
+    """bench/results/metrics/{off,on}-N/results.json: the metrics cost, if measured."""
+    here = Path(__file__).resolve().parent / "results" / "metrics"
+    runs = {"off": [], "on": []}
+    for path in sorted(here.glob("*/results.json")):
+        mode = path.parent.name.split("-")[0]
+        if mode in runs:
+            runs[mode].append(json.loads(path.read_text())["configs"][0])
+    if not runs["off"] or not runs["on"]:
+        return ""
+    loads = sorted({s["offered_deliveries_per_s"] for c in runs["off"] + runs["on"] for s in c["steps"]})
+
+    def at(mode, load, key):
+        return _median([s.get(key) for c in runs[mode] for s in c["steps"] if s["offered_deliveries_per_s"] == load])
+
+    rows, cpu = [], {"off": [], "on": []}
+    for load in loads:
+        cells, unsaturated = [], True
+        for mode in ("off", "on"):
+            us, dlv, p99 = (at(mode, load, k) for k in ("app_cpu_us_per_delivery", "delivered_per_s", "p99_ms"))
+            cells.append(f"{us:.0f} µs, {dlv:,.0f}/s, {p99:,.0f} ms")
+            unsaturated = unsaturated and p99 is not None and p99 <= P99_LIMIT_MS
+        off, on = at("off", load, "app_cpu_us_per_delivery"), at("on", load, "app_cpu_us_per_delivery")
+        if unsaturated:
+            cpu["off"].append(off)
+            cpu["on"].append(on)
+        rows.append(f"| {load:,.0f} | {cells[0]} | {cells[1]} | {(on - off) / off * 100:+.1f} %"
+                    + ("" if unsaturated else " (saturated)") + " |")
+
+    def knees(mode):
+        return ", ".join(f"{(c.get('knee') or {}).get('delivered_per_s', 0):,.0f}/s" for c in runs[mode])
+
+    cpu_off, cpu_on = _median(cpu["off"]) or 0.0, _median(cpu["on"]) or 0.0
+    share = here / "profile-on" / "metrics-share.json"
+    profile = ""
+    if share.exists():
+        figure = json.loads(share.read_text())
+        profile = PROFILE_NOTE.format(offered=figure["offered_deliveries_per_s"], delivered=figure["delivered_per_s"],
+                                      metrics_samples=figure["metrics_samples"], samples=figure["samples"],
+                                      percent=figure["percent"])
+    other = [s.get("other_cores", 0) for c in runs["off"] + runs["on"] for s in c["steps"]]
+    return METRICS_NOTES.format(pairs=min(len(runs["off"]), len(runs["on"])), loads=",".join(f"{x:.0f}" for x in loads),
+                                rows="\n".join(rows), knees_off=knees("off"), knees_on=knees("on"), cpu_off=cpu_off,
+                                cpu_on=cpu_on, cost=(cpu_on - cpu_off) / cpu_off * 100 if cpu_off else 0.0,
+                                other=sum(other) / len(other) if other else 0.0, profile=profile)
+
+
 def readme_section(results: dict, results_rel: str = "results/reference/results.json",
                    plot_rel: str = "results/reference/plot.png") -> str:
     """bench/PERFORMANCE.md, generated from a results file (so its numbers are the measured ones)."""
@@ -280,6 +363,9 @@ def readme_section(results: dict, results_rel: str = "results/reference/results.
     notes = _dev_notes()
     if notes:
         lines += ["", notes.rstrip()]
+    metrics_cost = _metrics_notes()
+    if metrics_cost:
+        lines += ["", metrics_cost.rstrip()]
     return "\n".join(lines) + "\n"
 
 

@@ -42,6 +42,7 @@ from app.chat.delivery import Delivered
 from app.chat.models import Message, Room
 from app.chat.rendering import article_html, article_html_from, cursor_frame, error_frame, message_frame
 from app.chat.writer import store_message
+from app.observability import metrics
 
 log = logging.getLogger(__name__)
 logfilters.install()
@@ -163,6 +164,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.revoked = None
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
+            metrics.handshake("unauthenticated")
             await self.close()  # before accept: the handshake gets HTTP 403
             return
         room_id = self.scope["url_route"]["kwargs"]["room_id"]
@@ -173,6 +175,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.refuse_unavailable()
             return
         if self.room is None:
+            metrics.handshake("no_room")
             await self.close()
             return
         self.group = room_group(self.room.pk)
@@ -188,6 +191,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.refuse_unavailable()
             return
         if not allowed:
+            metrics.handshake("too_many_sockets")
+            metrics.rate_limited("sockets")
             await self.accept()
             await self.send(text_data=error_frame(
                 "too_many_sockets", TOO_MANY_SOCKETS.format(held, settings.CHAT_MAX_SOCKETS_PER_USER)))
@@ -200,11 +205,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             log_failure("channel layer unavailable on connect", exc)
             await self.refuse_unavailable()
             return
+        metrics.handshake("accepted")
         await self.accept()
         revocation.register(self)  # from here on logout & co. close it
         await self.replay()
 
     async def refuse_unavailable(self):
+        metrics.handshake("unavailable")
         await self.accept()
         await self.send(text_data=error_frame("unavailable", "The chat is unavailable; reconnecting."))
         await self.close(code=1013)  # "try again later": htmx-ext-ws reconnects
@@ -241,11 +248,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.catch_up(rows)
         resync.register(self)
 
+    async def accept(self, subprotocol=None, headers=None):
+        await super().accept(subprotocol, headers)
+        self.counted = True  # an open socket until disconnect()
+        metrics.socket_opened()
+
     async def deliver(self, seq, frame) -> bool:
         """Send a message frame unless this socket was sent that seq already."""
         if self.revoked or not self.delivered.add(seq):
             return False
         await self.send(text_data=frame)
+        metrics.delivered()
         early = self.delivered.above
         if len(early) > MAX_EARLY:
             await self.skip_to(min(early) - 1)
@@ -289,6 +302,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         return after if after >= 0 else None
 
     async def disconnect(self, code):
+        if getattr(self, "counted", False):
+            self.counted = False
+            metrics.socket_closed()
         resync.unregister(self)
         revocation.unregister(self)
         if getattr(self, "slot", False):
@@ -306,11 +322,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         try:
             if not self.bucket.take():
+                metrics.rate_limited("frame")
                 raise FrameError("rate_limited", SENDING_TOO_FAST)
             body = parse_frame(text_data, bytes_data)
             if not (await throttle.ahit_or_local(throttle.user_messages(), self.user_id)).allowed:
                 raise FrameError("rate_limited", SENDING_TOO_FAST)
         except FrameError as err:
+            metrics.rejected(err.code)
             await self.send(text_data=error_frame(err.code, err.text))
             return
         if self.revoked:  # revoked while the budget was asked for
@@ -319,12 +337,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             message = await store_message(self.room.pk, self.scope["user"].pk, body)
         except Exception as exc:  # the database is down: nothing was written
             log_failure("storing a message failed", exc)
+            metrics.rejected("not_saved")
             await self.send(text_data=error_frame("not_saved", "Your message was not saved; try again."))
             return
         frame = message_frame(article_html(message.id, message.seq, self.username, body, message.created_at.isoformat()))
         try:
             await self.channel_layer.group_send(
-                self.group, {"type": "chat.message", "id": message.id, "seq": message.seq, "html": frame})
+                self.group, {"type": "chat.message", "id": message.id, "seq": message.seq, "html": frame,
+                             "at": message.created_at.timestamp()})
         except Exception as exc:
             # Stored, so every socket gets it from the resync once Redis is
             # back (or from the replay when it reconnects); the sender sees it now.
@@ -332,11 +352,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.deliver(message.seq, frame)
 
     async def chat_message(self, event):
-        await self.deliver(event["seq"], event["html"])
+        if await self.deliver(event["seq"], event["html"]):
+            metrics.latency(event.get("at"))
 
 
 class RejectConsumer(AsyncWebsocketConsumer):
     """Any websocket path that is not a route: refused at the handshake (403)."""
 
     async def connect(self):
+        metrics.handshake("bad_path")
         await self.close()

@@ -33,6 +33,7 @@ from django.http.request import split_domain_port, validate_host
 
 from app.chat import origin, throttle
 from app.chat.rendering import error_frame
+from app.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,13 @@ OUTAGE_ERRORS = _outage_errors()
 TOO_MANY = "Too many connection attempts from your address; retry in {} s."
 
 
-async def refuse(send):
+async def refuse(send, why: str):
+    metrics.handshake(why)
     await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
 
 
 async def too_many(scope, receive, send, retry_after: int):
+    metrics.handshake("rate_limited")
     text = TOO_MANY.format(retry_after)
     if "websocket.http.response" in scope.get("extensions", {}):
         await send({"type": "websocket.http.response.start", "status": 429,
@@ -87,15 +90,15 @@ class WebsocketGuard:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
-            return await refuse(send)
+            return await refuse(send, "bad_path")
         host = origin.header(scope, b"host")
         if host is None:
-            return await refuse(send)
+            return await refuse(send, "bad_host")
         domain, _port = split_domain_port(host)
         if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
-            return await refuse(send)
+            return await refuse(send, "bad_host")
         if not origin.allowed(scope):
-            return await refuse(send)
+            return await refuse(send, "bad_origin")
         state = {"accepted": False, "closed": False, "connect_read": False}
 
         async def tracked_receive():
@@ -122,6 +125,8 @@ class WebsocketGuard:
                 raise
             log.warning("websocket %s: backend unavailable (%s: %s)", scope.get("path"), type(exc).__name__,
                         str(exc).splitlines()[0][:200] if str(exc) else "")
+            if not state["accepted"]:
+                metrics.handshake("unavailable")
             try:
                 if not state["accepted"]:
                     if not state["connect_read"]:

@@ -124,8 +124,10 @@ async def _run() -> None:
         else:
             _state["runs"] += 1
             _state["last"] = {"rooms": rooms, "sent": sent, "seconds": round(time.monotonic() - started, 3)}
-            if sent:
-                log.info("resync: %d room(s), %d missed frame(s) sent", rooms, sent)
+            from app.observability import metrics  # here: settings import this module in gunicorn's master
+
+            metrics.resync_run(sent)
+            log.log(logging.INFO if sent else logging.DEBUG, "resync: %d room(s), %d missed frame(s) sent", rooms, sent)
         if not _state["again"]:
             return
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from app.observability import metrics
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "chat:limit:"
@@ -127,8 +129,11 @@ def request_address(request) -> str | None:
     return request.META.get("REMOTE_ADDR")
 
 
-def _verdict(wait_ms: int) -> Verdict:
-    return Verdict(True) if wait_ms <= 0 else Verdict(False, max(1, math.ceil(wait_ms / 1000)))
+def _verdict(wait_ms: int, limit: Limit) -> Verdict:
+    if wait_ms <= 0:
+        return Verdict(True)
+    metrics.rate_limited(limit.name)
+    return Verdict(False, max(1, math.ceil(wait_ms / 1000)))
 
 
 def _key(limit: Limit, identity) -> str:
@@ -243,24 +248,24 @@ def hit(limit: Limit, identity) -> Verdict:
     """Take one token from `identity`'s bucket (sync: views). Raises Unavailable."""
     key = _key(limit, identity)
     if _target() is None:
-        return _verdict(_memory_hit(key, limit))
+        return _verdict(_memory_hit(key, limit), limit)
     try:
         wait = _sync_script()(keys=[key], args=[limit.interval_ms, limit.window_ms])
     except _store_errors() as exc:
         raise Unavailable(f"{type(exc).__name__}: {exc}") from None
-    return _verdict(int(wait))
+    return _verdict(int(wait), limit)
 
 
 async def ahit(limit: Limit, identity) -> Verdict:
     """Take one token from `identity`'s bucket (async: the websocket guard). Raises Unavailable."""
     key = _key(limit, identity)
     if _target() is None:
-        return _verdict(_memory_hit(key, limit))
+        return _verdict(_memory_hit(key, limit), limit)
     try:
         wait = await asyncio.wait_for(_async_script()(keys=[key], args=[limit.interval_ms, limit.window_ms]), TIMEOUT)
     except _store_errors() as exc:
         raise Unavailable(f"{type(exc).__name__}: {exc}") from None
-    return _verdict(int(wait))
+    return _verdict(int(wait), limit)
 
 
 # How long a process counts alone after the shared store failed, before it
@@ -278,7 +283,7 @@ async def ahit_or_local(limit: Limit, identity) -> Verdict:
     times it for the length of the outage, never "unlimited"."""
     key = _key(limit, identity)
     if not shared():
-        return _verdict(_memory_hit(key, limit))
+        return _verdict(_memory_hit(key, limit), limit)
     now = time.monotonic()
     if now >= _fallback["until"]:
         try:
@@ -294,4 +299,4 @@ async def ahit_or_local(limit: Limit, identity) -> Verdict:
                 log.info("rate-limit store reachable again; %s shared again", limit.name)
                 _fallback["down"] = False
             return verdict
-    return _verdict(_memory_hit(key, limit))
+    return _verdict(_memory_hit(key, limit), limit)

@@ -20,6 +20,7 @@ from django.shortcuts import render
 from django.urls import reverse
 
 from app.chat import throttle
+from app.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def refused(request, kind: str, status: int, retry_after: int):
 
 def locked_out(request, *args, **kwargs):
     """AXES_LOCKOUT_CALLABLE (axes calls it with 2 or 3 arguments)."""
+    metrics.rate_limited("account")
     return refused(request, "locked", 429, math.ceil(settings.AXES_COOLOFF_TIME.total_seconds()))
 
 

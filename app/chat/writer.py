@@ -36,6 +36,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from app.chat.models import Message, Room
+from app.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ class BatchWriter:
         if message.seq is None:
             future.set_exception(RoomGone(f"room {message.room_id} no longer exists"))
         else:
+            metrics.stored()
             future.set_result(message)
 
 

@@ -224,9 +224,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def get(port: int, path: str, host: str = "127.0.0.1") -> int:
+def get(port: int, path: str, host: str = "127.0.0.1", headers: dict | None = None) -> int:
     """Status of one GET, redirects not followed."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": host, "X-Forwarded-Proto": "https"})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                     headers={"Host": host, "X-Forwarded-Proto": "https", **(headers or {})})
     try:
         with urllib.request.build_opener(_NoRedirect).open(request, timeout=10) as response:
             return response.status
@@ -234,16 +235,34 @@ def get(port: int, path: str, host: str = "127.0.0.1") -> int:
         return error.code
 
 
+def json_log_problems(text: str) -> list[str]:
+    """LOG_FORMAT=json: every line one JSON object with the common fields."""
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            problems.append(f"line {number} is not JSON: {line[:160]!r}")
+            continue
+        if not isinstance(entry, dict) or not {"ts", "level", "logger", "message", "pid"} <= set(entry):
+            problems.append(f"line {number} lacks a common field: {line[:160]!r}")
+    return problems
+
+
 @pytest.mark.integration
-def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn):
-    """A harness gunicorn with a password-protected Redis: a normal chat, then
-    errors (bad frames, an oversized frame, a 404, a bad Host, Redis down and
-    back): neither SECRET_KEY nor the database or Redis password (plain or
-    URL-encoded), nor a user's password or session, is ever printed."""
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn, log_format):
+    """A harness gunicorn with a password-protected Redis and metrics on (a
+    token, scraped with it and with a wrong one): a normal chat, then errors
+    (bad frames, an oversized frame, a 404, a bad Host, a signed-in page, Redis down and back):
+    neither SECRET_KEY nor the database or Redis password (plain or
+    URL-encoded), nor METRICS_TOKEN, nor a user's password or session, is ever
+    printed, in either LOG_FORMAT; with json every line is a JSON object."""
     redis_password = secrets.token_urlsafe(24)
+    metrics_token = secrets.token_urlsafe(32)
     redis = RedisServer(password=redis_password).start()
     try:
-        gunicorn = spawn(redis=redis)
+        gunicorn = spawn(redis=redis, LOG_FORMAT=log_format, METRICS_TOKEN=metrics_token)
         port = gunicorn.port
         endpoint = cc.endpoint(f"http://127.0.0.1:{port}")
         one, two = users[0], users[1]
@@ -274,6 +293,10 @@ def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn):
             "404": get(port, f"/no-such-page-{tag}/"),
             "bad Host": get(port, "/accounts/login/", host="evil.example"),
             "anonymous room": get(port, f"/rooms/{room}/"),
+            "signed-in room": get(port, f"/rooms/{room}/",
+                                  headers={"Cookie": "; ".join(f"{k}={v}" for k, v in one.cookies.items())}),
+            "metrics, token": get(port, "/metrics", headers={"Authorization": f"Bearer {metrics_token}"}),
+            "metrics, wrong token": get(port, "/metrics", headers={"Authorization": f"Bearer {metrics_token[:-2]}"}),
         }
         # Redis down: /readyz names the failure (503); then it comes back.
         redis.stop()
@@ -281,6 +304,13 @@ def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn):
         while (down := get(port, "/readyz")) == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
         statuses["readyz, Redis down"] = down
+        # A socket now: the chat's own warning (app.chat.guard), an error frame and close 1013.
+        try:
+            with endpoint.websocket(path, one.cookies) as ws:
+                while True:
+                    ws.recv(timeout=10)
+        except Exception:
+            pass
         redis.start()
         deadline = time.monotonic() + 20
         while (ready := get(port, "/readyz")) != 200 and time.monotonic() < deadline:
@@ -290,14 +320,15 @@ def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn):
     finally:
         redis.stop()
 
-    assert statuses == {"404": 404, "bad Host": 400, "anonymous room": 302, "readyz, Redis down": 503,
-                        "readyz, Redis back": 200}, statuses
+    assert statuses == {"404": 404, "bad Host": 400, "anonymous room": 302, "signed-in room": 200, "metrics, token": 200,
+                        "metrics, wrong token": 404, "readyz, Redis down": 503, "readyz, Redis back": 200}, statuses
     secret_values = {
         "SECRET_KEY": gunicorn.env["SECRET_KEY"],
         "DATABASE_URL": gunicorn.env["DATABASE_URL"],
         "database password": stack.postgres.password,
         "REDIS_URL": gunicorn.env["REDIS_URL"],
         "Redis password": redis_password,
+        "METRICS_TOKEN": metrics_token,
         **{f"password of {u.username}": u.password for u in (one, two)},
         **{f"session of {u.username}": u.cookies.get("sessionid", "") for u in (one, two)},
     }
@@ -308,12 +339,25 @@ def test_gunicorn_log_never_prints_its_secrets(stack, users, make_room, spawn):
     assert "evil.example" in log or " 400" in log, log[-3000:]
     leaks = [f"{name}: {leak}" for name, text in logs.items() for leak in secret_scan.leaks_in_log(text, secret_values)]
     lines = sum(len(text.splitlines()) for text in logs.values())
+    shape = ""
+    if log_format == "json":
+        assert not json_log_problems(log), "\n".join(json_log_problems(log)[:20])
+        entries = [json.loads(line) for line in log.splitlines()]
+        access = [e for e in entries if e["logger"] == "uvicorn.access" and e.get("path", "").startswith("/no-such-page")]
+        assert access and all({"request_id", "client", "method", "status"} <= set(e) for e in access), access
+        sockets = [e for e in entries if "connection_id" in e]
+        assert any(isinstance(e.get("user_id"), int) for e in sockets), sockets[:5]  # the chat's sockets, signed in
+        loggers = {e["logger"].split(".")[0] for e in entries}
+        assert {"gunicorn", "uvicorn", "django", "app"} <= loggers, loggers
+        shape = f"; every one of its {len(entries)} lines a JSON object (loggers: {', '.join(sorted(loggers))})"
     results.record(
-        "log_secrets",
-        scenario="No secret in the production log (harness gunicorn, password-protected Redis)",
-        checked="after a chat, bad/binary/oversized frames, a 404, a bad Host and Redis down and back: SECRET_KEY, "
-                "database and Redis passwords and URLs, user passwords and session ids (plain or URL-encoded) never logged",
-        figure=f"{lines} log lines of 2 gunicorns scanned for {len(secret_values)} secret values, {len(leaks)} leaks",
+        "log_secrets" if log_format == "plain" else f"log_secrets_{log_format}",
+        scenario=f"No secret in the production log, LOG_FORMAT={log_format} (harness gunicorn, password-protected Redis, "
+                 "metrics on)",
+        checked="after a chat, bad/binary/oversized frames, a 404, a bad Host, /metrics with the token and a wrong one, "
+                "and Redis down and back: SECRET_KEY, database and Redis passwords and URLs, METRICS_TOKEN, user passwords "
+                "and session ids (plain or URL-encoded) never logged",
+        figure=f"{lines} log lines of 2 gunicorns scanned for {len(secret_values)} secret values, {len(leaks)} leaks{shape}",
         lines=lines, secrets=len(secret_values), leaks=leaks,
     )
     assert not leaks, "\n".join(leaks)

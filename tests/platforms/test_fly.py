@@ -97,6 +97,36 @@ def test_checks_need_no_host_but_pages_still_refuse_the_machine_address(fly, lab
     assert fly_check(lab, machine, fly["port"], dict(page, headers={"Host": public, "X-Forwarded-Proto": "https"})).status == 200
 
 
+def test_metrics_scraped_as_flys_scraper_does(fly, lab):
+    """[metrics]: Fly's scraper calls each machine's private address on the
+    declared port and path, with no token, every 15 s; the app sums its
+    workers there. The public port ([http_service]) serves no metrics: with
+    no METRICS_TOKEN its /metrics is an unknown path like any other."""
+    cfg = fly["cfg"]
+    metrics = cfg["metrics"]
+    assert int(cfg["env"]["METRICS_PORT"]) == metrics["port"] != fly["port"]
+    assert "METRICS_TOKEN" not in cfg["env"]
+    public_ports = {cfg["http_service"]["internal_port"], *(s.get("internal_port") for s in cfg.get("services", []))}
+    assert metrics["port"] not in public_ports, "the metrics port must not be a public service"
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for machine in fly["machines"]:
+        ip = lab.ip(machine)
+        scrape = http_get(ip, metrics["port"], metrics["path"], {"Host": f"{ip}:{metrics['port']}"})
+        assert scrape.status == 200, (machine, scrape.status, scrape.body[:300])
+        names = {s.name for f in text_string_to_metric_families(scrape.body.decode()) for s in f.samples}
+        assert {"chat_websocket_connections", "chat_deliveries_total", "process_cpu_seconds_total"} <= names, names
+        pids = {s.labels["pid"] for f in text_string_to_metric_families(scrape.body.decode()) for s in f.samples
+                if s.name == "process_resident_memory_bytes"}
+        assert len(pids) >= 1, "no worker's process metrics"
+        # The public port: /metrics is answered like an unknown path (the same status and body).
+        for headers in ({"Host": f"{ip}:{fly['port']}"}, {"Host": cfg["env"]["ALLOWED_HOSTS"], "X-Forwarded-Proto": "https"}):
+            metrics_page = http_get(ip, fly["port"], metrics["path"], headers)
+            unknown = http_get(ip, fly["port"], "/no-such-page", headers)
+            assert (metrics_page.status, metrics_page.body) == (unknown.status, unknown.body), headers
+            assert metrics_page.status in (400, 404), metrics_page.status
+
+
 def test_contract_against_both_machines(fly, timings):
     start = time.monotonic()
     host = fly["cfg"]["env"]["ALLOWED_HOSTS"].split(",")[0].strip()

@@ -32,6 +32,7 @@ PAIRS = [
 BROKEN = [
     ("fly.schema.json", m.FLY_TOML, 'kill_signal = "SIGTERM"', 'kill_signal = "SIGTERMINATE"', "SIGTERMINATE"),
     ("fly.schema.json", m.FLY_TOML, 'auto_stop_machines = "off"', 'auto_stop_machines = "never"', "never"),
+    ("fly.schema.json", m.FLY_TOML, '[metrics]\n  port = 9091', '[metrics]\n  port = "9091"', "9091"),
     ("fly-toplevel-checks.schema.json", m.FLY_TOML, 'path = "/readyz"', 'path = "/readyz"\n  hostHeader = "x"', "hostHeader"),
     ("fly-toplevel-checks.schema.json", m.FLY_TOML, '  type = "http"\n  port = 8000', '  type = "grpc"\n  port = 8000', "grpc"),
     ("render.schema.json", m.RENDER_YAML, "maxShutdownDelaySeconds: 30", "maxShutdownDelaySeconds: 301", "301"),

@@ -39,7 +39,9 @@ def test_required_in_production(missing):
     "name, value",
     [("DEBUG", "maybe"), ("WEB_CONCURRENCY", "two"), ("CHANNEL_LAYER", "memory"), ("REDIS_URL", "http://x"),
      ("DATABASE_URL", "nonsense://x"), ("SECURE_HSTS_SECONDS", "-1"), ("CHAT_HISTORY", "0"),
-     ("LISTEN_ADDRESS", "localhost:80")],
+     ("LISTEN_ADDRESS", "localhost:80"), ("METRICS_TOKEN", "short"), ("METRICS_TOKEN", "x" * 40),
+     ("METRICS_TOKEN", "has spaces " * 4), ("METRICS_PORT", "nine"), ("METRICS_PORT", "1"), ("METRICS_PORT", "70000"),
+     ("METRICS_ADDRESS", "private"), ("LOG_FORMAT", "xml")],
 )
 def test_bad_values_are_named_by_gunicorn_at_start(name, value):
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")

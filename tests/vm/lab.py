@@ -103,6 +103,8 @@ class Lab:
             "CHAT_SECRET_KEY": secrets.token_urlsafe(50),
             "CHAT_DB_PASSWORD": secrets.token_urlsafe(24),
             "CHAT_REDIS_PASSWORD": secrets.token_urlsafe(24),
+            # Metrics on: each web host's nginx serves /metrics on its private address (tests/vm/test_metrics_exposure.py).
+            "CHAT_METRICS_TOKEN": secrets.token_urlsafe(32),
         }
 
     # --- lifecycle -----------------------------------------------------------
