@@ -93,7 +93,9 @@ def log_problems(text: str) -> list[str]:
     """Lines that must never appear in a production log during these scenarios."""
     bad = []
     for line in text.splitlines():
-        if "Traceback" in line or "Exception in ASGI application" in line or re.search(r'" 500 ', line):
+        # Uvicorn's access line ends with the status ('..." 500'), JSON logs carry "status": 500.
+        if ("Traceback" in line or "Exception in ASGI application" in line
+                or re.search(r'" 500(\s|$)', line) or re.search(r'"status": ?500\b', line)):
             bad.append(line)
     return bad
 
