@@ -49,6 +49,7 @@ def parse(argv=None):
                    help="client permessage-deflate offer (browsers offer it; default deflate)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for gunicorn")
     p.add_argument("--stop-p99-ms", type=float, default=2000.0, help="end a configuration's sweep past this p99")
+    p.add_argument("--stop-lost-share", type=float, default=0.05, help="end a configuration's sweep past this share lost")
     p.add_argument("--profile", action="store_true", help="py-spy the workers during the --profile-load step")
     p.add_argument("--profile-load", type=float, default=None)
     p.add_argument("--time-limit", type=float, help="overall seconds; later steps are skipped")

@@ -7,7 +7,7 @@ per line on stdin and answers one JSON line on stdout:
    "clients": [[cid, room_id, session_key], ...], "concurrency": 64, "timeout": 120}
       -> {"connected": [cid, ...], "failed": {reason: n}, "seconds": s}
   {"cmd": "run", "step": s, "rate": per-client msgs/s, "duration": s, "drain": s,
-   "room_sizes": {room_id: members}, "senders": [cid, ...] | null}
+   "room_sizes": {room_id: members}, "senders": [cid, ...] | null, "min_sends": n (default 0)}
       -> totals of this process for step s (sent, expected deliveries, unique
          deliveries, duplicates, latencies in microseconds, errors, CPU seconds)
   {"cmd": "close"} -> {"closed": n} and the process exits
@@ -140,7 +140,7 @@ class Generator:
         await asyncio.gather(*(one(*c) for c in clients))
         return {"connected": connected, "failed": dict(failed), "seconds": time.monotonic() - started}
 
-    async def cmd_run(self, step, rate, duration, drain, room_sizes, senders=None):
+    async def cmd_run(self, step, rate, duration, drain, room_sizes, senders=None, min_sends=0):
         room_sizes = {int(k): v for k, v in room_sizes.items()}
         usage0 = resource.getrusage(resource.RUSAGE_SELF)
         start = time.monotonic()
@@ -156,7 +156,9 @@ class Generator:
             while True:  # a Poisson process: exponential gaps, bounded by the step's end
                 at += rng.expovariate(rate)
                 if at >= end:
-                    break
+                    if seq >= min_sends:
+                        break
+                    at = end  # a probe sender that drew no send in time still sends (now)
                 await asyncio.sleep(max(0.0, at - time.monotonic()))
                 text = f"bm {step} {client.cid} {seq} {time.monotonic_ns()}"
                 try:

@@ -235,7 +235,7 @@ class Bench:
                 step["generator_cpu_us_per_delivery"] = round(used["gen"] / delivered * 1e6, 1)
                 cfg["steps"].append(step)
                 print(report.row(name, step), flush=True)
-                if step["p99_ms"] is None or step["p99_ms"] > a.stop_p99_ms or step["lost"] > 0.05 * max(1, step["expected"]):
+                if step["p99_ms"] is None or step["p99_ms"] > a.stop_p99_ms or step["lost"] > a.stop_lost_share * max(1, step["expected"]):
                     log(f"{name}: saturated at {load}/s (p99 {step['p99_ms']} ms, lost {step['lost']}); next configuration")
                     break
             cfg["knee"] = report.knee(cfg["steps"])
@@ -279,7 +279,7 @@ class Bench:
                 first_in_room.setdefault(clients[cid][1], cid)
             senders = list(first_in_room.values())[:50]
             parts = gens.call([{"cmd": "run", "step": 10_000, "rate": 1.0, "duration": 2, "drain": 3, "room_sizes": room_sizes,
-                                "senders": senders}] * a.gen_procs, timeout=90)
+                                "senders": senders, "min_sends": 1}] * a.gen_procs, timeout=90)
             probe = report.aggregate(parts, 0, 1.0, {})
             held = len(connected)
             return {

@@ -39,6 +39,7 @@ from django.contrib.auth import HASH_SESSION_KEY
 from app.chat import logfilters, resync, revocation, slots, throttle
 from app.chat.guard import OUTAGE_ERRORS
 from app.chat.delivery import Delivered
+from app.chat.fan_out import fan_out
 from app.chat.models import Message, Room
 from app.chat.rendering import article_html, article_html_from, cursor_frame, error_frame, message_frame
 from app.chat.writer import store_message
@@ -55,7 +56,7 @@ MAX_EARLY = 4096
 def log_failure(what: str, exc: Exception) -> None:
     """A backend outage is one warning line; anything else is a bug: traceback."""
     if isinstance(exc, OUTAGE_ERRORS):
-        log.warning("%s (%s)", what, type(exc).__name__)
+        log.warning("%s (%s: %s)", what, type(exc).__name__, exc)
     else:
         log.exception(what)
 
@@ -222,6 +223,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.revoked:
             return False
         self.revoked = reason
+        resync.unregister(self)  # nothing more is sent to it; disconnect() follows once the close completes
         code, text = revocation.CLOSE[reason]
         try:
             await self.send(text_data=error_frame(reason, text))
@@ -341,10 +343,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=error_frame("not_saved", "Your message was not saved; try again."))
             return
         frame = message_frame(article_html(message.id, message.seq, self.username, body, message.created_at.isoformat()))
+        event = {"type": "chat.message", "id": message.id, "seq": message.seq, "html": frame,
+                 "at": message.created_at.timestamp()}
         try:
-            await self.channel_layer.group_send(
-                self.group, {"type": "chat.message", "id": message.id, "seq": message.seq, "html": frame,
-                             "at": message.created_at.timestamp()})
+            await fan_out(self.channel_layer, self.group, event)
         except Exception as exc:
             # Stored, so every socket gets it from the resync once Redis is
             # back (or from the replay when it reconnects); the sender sees it now.

@@ -299,7 +299,9 @@ async def apublish(event: dict) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
-    await asyncio.wait_for(layer.group_send(GROUP, {"type": "chat.revoke", **event}), PUBLISH_TIMEOUT)
+    from app.chat.fan_out import fan_out
+
+    await asyncio.wait_for(fan_out(layer, GROUP, {"type": "chat.revoke", **event}), PUBLISH_TIMEOUT)
 
 
 def publish(event: dict) -> None:

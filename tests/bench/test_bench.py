@@ -20,7 +20,9 @@ def test_tiny_benchmark_produces_results_table_and_plot(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--configs", "pubsub:1,core:1", "--clients", "20", "--rooms", "2",
          "--loads", "50,100", "--duration", "1.5", "--drain", "2", "--warmup", "0", "--idle", "40",
-         "--gen-procs", "2", "--time-limit", "240", "--out", str(out)],
+         "--gen-procs", "2", "--time-limit", "240",
+         # Both steps always run: a busy CI machine must not end the sweep early.
+         "--stop-p99-ms", "600000", "--stop-lost-share", "1.0", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=420,
     )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
