@@ -149,6 +149,23 @@ def messages_after(room_id, after, limit):
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
+    # Set by the first close(). The revocation listener and the resync call
+    # into a consumer from their own tasks, so a frame (an error frame, a
+    # resync copy) can come after a close another task sent; Uvicorn raises
+    # on anything sent after websocket.close (a traceback, seen under load).
+    closing = False
+
+    async def send(self, text_data=None, bytes_data=None, close=False):
+        if self.closing:
+            return
+        await super().send(text_data, bytes_data, close)
+
+    async def close(self, code=None, reason=None):
+        if self.closing:
+            return
+        self.closing = True
+        await super().close(code, reason)
+
     async def dispatch(self, message):
         # Channels (>= 4.2) runs close_old_connections() on the worker's one
         # database thread before *every* handler: a thread hop per delivered

@@ -239,3 +239,25 @@ async def test_a_replay_cut_at_the_history_limit_moves_the_cursor_on(settings):
     assert [_seq(f) for f in frames[1:]] == [4, 5, 6]
     assert await a.receive_nothing(timeout=0.1)
     await a.disconnect()
+
+
+async def test_nothing_is_sent_after_the_close():
+    """The revocation listener and the resync call into a consumer from their
+    own tasks: a frame or a second close after the socket was closed must not
+    reach the server (Uvicorn raises on it: a traceback in production).
+    Positive control: the same send before the close arrives."""
+    from app.chat import revocation
+
+    alice, room = await make_user_and_room("alice")
+    a = communicator(room.pk, alice, query="after=0")
+    assert (await a.connect())[0]
+    (consumer,) = revocation._by_user[alice.pk]
+    await consumer.send(text_data="before the close")
+    assert await a.receive_from() == "before the close"
+    assert await consumer.revoke("signed_out")
+    assert 'data-error="signed_out"' in await a.receive_from()
+    assert (await a.receive_output())["type"] == "websocket.close"
+    await consumer.send(text_data="a late resync copy")
+    await consumer.close(code=1000)
+    assert await a.receive_nothing(timeout=0.2)
+    await a.disconnect()
