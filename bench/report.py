@@ -93,7 +93,28 @@ def table(results: dict) -> str:
     idle = results.get("idle")
     if idle:
         lines.append(idle_line(idle))
+    if results.get("busy"):
+        lines.append("busy " + busy_line(results["busy"]))
+    if results.get("churn"):
+        lines.append("churn " + churn_line(results["churn"]))
+    if results.get("baseline"):
+        lines += ["", comparison_text(results)]
     return "\n".join(lines)
+
+
+def busy_line(b: dict) -> str:
+    return (f"({b['config']}): {b['held']}/{b['target']} sockets talking for {b['minutes_run']} min at "
+            f"{b['delivered_per_s']:,.0f} deliveries/s delivered ({b['lost']} lost, p99 {b['p99_ms']} ms); "
+            f"{b['per_socket_pss_kib']:.1f} KiB PSS / {b['per_socket_rss_kib']:.1f} KiB RSS per busy socket; "
+            f"probe {b['probe']['delivered']}/{b['probe']['expected']} delivered; other jobs {b.get('other_cores', 0):.2f} cores")
+
+
+def churn_line(c: dict) -> str:
+    slope = c["workers_rss_slope_kib_per_min"]
+    return (f"({c['config']}): {c['completed']:,} reconnects completed of {c['started']:,} started in {c['minutes']} min "
+            f"({c['completed_per_s']:.0f}/s, asked {c['rate_requested']:.0f}/s; failed {c['failed'] or 'none'}); workers' RSS "
+            f"{(c['rss_start'] or 0) / 2**20:.0f} -> {(c['rss_end'] or 0) / 2**20:.0f} MiB, slope over the second half "
+            + ("-" if slope is None else f"{slope:+.1f} KiB/min") + f"; other jobs {c.get('other_cores', 0):.2f} cores")
 
 
 def idle_line(idle: dict) -> str:
@@ -401,3 +422,153 @@ def write_all(results: dict, out: Path):
                 fh.write(json.dumps({"config": c["name"], **s}) + "\n")
     (out / "table.txt").write_text(table(results) + "\n")
     plot(results, out / "plot.png")
+
+
+# --- issue #13: before/after figures and goals ----------------------------------
+
+GOAL_KNEE = 20_000          # delivered deliveries/s at the knee
+GOAL_P99_AT = 10_000        # offered deliveries/s of the step whose p99 is judged
+GOAL_P99_MS = 50.0
+GOAL_BUSY_KIB = 32.0        # per busy socket (RSS and PSS of master + workers, after - before)
+GOAL_FLAT_KIB_PER_MIN = 100.0  # "flat": workers' RSS grows less than this over the soak's second half
+GOAL_READY_S = 2.0
+REFERENCE_BUSY = (10_000, 10.0)   # sockets, minutes
+REFERENCE_CHURN = (200.0, 10.0)   # reconnects/s, minutes
+
+
+def main_config(side: dict):
+    """The configuration the issue measures: pubsub on 2 workers if run, else the first."""
+    configs = side.get("configs") or []
+    return next((c for c in configs if c["layer"] == "pubsub" and c["workers"] == 2), configs[0] if configs else None)
+
+
+def figures(side: dict, loads: list) -> dict:
+    """The issue's figures for one checkout (None where not measured)."""
+    cfg = main_config(side)
+    out = {"config": cfg["name"] if cfg else None, "knee": None, "knee_at_least": False, "p99_10k": None,
+           "busy": side.get("busy"), "churn": side.get("churn"), "ready_s": None}
+    if cfg:
+        k = cfg.get("knee")
+        if k:
+            out["knee"] = k
+            out["knee_at_least"] = k["offered_deliveries_per_s"] >= max(loads)
+        out["p99_10k"] = next((s for s in cfg["steps"] if s["offered_deliveries_per_s"] == GOAL_P99_AT), None)
+    readies = [c.get("ready_seconds") for c in side.get("configs") or []]
+    readies += [(side.get(p) or {}).get("ready_seconds") for p in ("idle", "busy", "churn")]
+    readies = [r for r in readies if r is not None]
+    out["ready_s"] = max(readies) if readies else None
+    return out
+
+
+def _knee_cell(f):
+    k = f["knee"]
+    if not k:
+        return "below the lowest step" if f["config"] else "not measured"
+    return (f"{'≥ ' if f['knee_at_least'] else ''}{k['delivered_per_s']:,.0f}/s delivered "
+            f"(step offered {k['offered_deliveries_per_s']:,.0f}/s, p99 {k['p99_ms']:.0f} ms)")
+
+
+def _p99_cell(f):
+    s = f["p99_10k"]
+    if not s:
+        return "not measured (the sweep stopped before 10,000/s or skipped it)"
+    lost = f", **{s['lost']:,} lost**" if s["lost"] else ", 0 lost"
+    p99 = "-" if s["p99_ms"] is None else f"{s['p99_ms']:,.0f} ms"
+    return f"{p99} ({s['delivered_per_s']:,.0f}/s delivered{lost}; other jobs {s.get('other_cores', 0):.2f} cores)"
+
+
+def _busy_cell(f):
+    b = f["busy"]
+    if not b:
+        return "not measured"
+    return (f"{b['per_socket_rss_kib']:.1f} KiB RSS, {b['per_socket_pss_kib']:.1f} KiB PSS ({b['held']:,} sockets, "
+            f"{b['minutes_run']} min at {b['delivered_per_s']:,.0f}/s delivered, {b['lost']:,} lost, p99 {b['p99_ms']} ms; "
+            f"probe {b['probe']['delivered']}/{b['probe']['expected']}; other jobs {b.get('other_cores', 0):.2f})")
+
+
+def _churn_cell(f):
+    c = f["churn"]
+    if not c:
+        return "not measured"
+    slope = c["workers_rss_slope_kib_per_min"]
+    failed = sum(c["failed"].values())
+    return ((f"{slope:+,.1f} KiB/min" if slope is not None else "- (too few samples)")
+            + f" ({c['completed']:,} reconnects completed, {c['completed_per_s']:.0f}/s of {c['rate_requested']:.0f}/s asked, "
+            f"{failed:,} failed; workers {(c['rss_start'] or 0) / 2**20:.0f} → {(c['rss_end'] or 0) / 2**20:.0f} MiB RSS"
+            + ("; **a worker restarted**" if c.get("workers_restarted") else "") + f"; other jobs {c.get('other_cores', 0):.2f})")
+
+
+def _ready_cell(f):
+    return "not measured" if f["ready_s"] is None else f"{f['ready_s']:.2f} s (slowest start of the run)"
+
+
+def goals(f: dict) -> list[tuple[str, str]]:
+    """(goal, verdict) for the after column; a verdict says 'not met' or why it cannot say 'met'."""
+    def verdict(ok, caveat=""):
+        if ok is None:
+            return "not measured"
+        return ("**met**" if ok else "**not met**") + caveat
+
+    k = f["knee"]
+    knee_ok = None if not f["config"] else bool(k and k["delivered_per_s"] >= GOAL_KNEE)
+    s = f["p99_10k"]
+    p99_ok = None if not s else bool(s["p99_ms"] is not None and s["p99_ms"] <= GOAL_P99_MS and s["lost"] == 0)
+    b = f["busy"]
+    busy_ok = busy_caveat = None
+    if b:
+        busy_ok = (max(b["per_socket_rss_kib"], b["per_socket_pss_kib"]) <= GOAL_BUSY_KIB and b["lost"] == 0
+                   and b["probe"]["lost"] == 0 and b["held"] == b["target"])
+        if b["held"] < REFERENCE_BUSY[0] or b["minutes_run"] < REFERENCE_BUSY[1] - 0.01:
+            busy_caveat = (f" at {b['held']:,} sockets for {b['minutes_run']} min, not the reference "
+                           f"{REFERENCE_BUSY[0]:,} for {REFERENCE_BUSY[1]:.0f}")
+    c = f["churn"]
+    churn_ok = churn_caveat = None
+    if c:
+        slope = c["workers_rss_slope_kib_per_min"]
+        churn_ok = (slope is not None and slope <= GOAL_FLAT_KIB_PER_MIN and not c.get("workers_restarted")
+                    and c["completed_per_s"] >= 0.95 * c["rate_requested"])
+        if c["rate_requested"] < REFERENCE_CHURN[0] or c["minutes"] < REFERENCE_CHURN[1]:
+            churn_caveat = (f" at {c['rate_requested']:.0f} reconnects/s for {c['minutes']} min, not the reference "
+                            f"{REFERENCE_CHURN[0]:.0f}/s for {REFERENCE_CHURN[1]:.0f}")
+    ready_ok = None if f["ready_s"] is None else f["ready_s"] < GOAL_READY_S
+    return [
+        (f"knee ≥ {GOAL_KNEE:,} deliveries/s delivered", verdict(knee_ok)),
+        (f"p99 ≤ {GOAL_P99_MS:.0f} ms at {GOAL_P99_AT:,}/s, nothing lost", verdict(p99_ok)),
+        (f"≤ {GOAL_BUSY_KIB:.0f} KiB per busy socket (RSS and PSS), nothing lost", verdict(busy_ok, busy_caveat or "")),
+        (f"RSS flat under churn (slope ≤ {GOAL_FLAT_KIB_PER_MIN:.0f} KiB/min, ≥ 95 % of the asked rate completed)",
+         verdict(churn_ok, churn_caveat or "")),
+        (f"start → ready < {GOAL_READY_S:.0f} s", verdict(ready_ok)),
+    ]
+
+
+def comparison_rows(results: dict) -> list[tuple[str, str, str, str]]:
+    """(what, before, after, goal: verdict on after) for every figure of issue #13."""
+    loads = results["workload"]["loads"]
+    before = figures(results.get("baseline") or {}, loads) if results.get("baseline") else None
+    after = figures(results, loads)
+    cells = [("knee (p99 ≤ 250 ms, 0 lost)", _knee_cell), ("p99 at the 10,000/s step", _p99_cell),
+             ("KiB per busy socket", _busy_cell), ("churn: workers' RSS slope, second half", _churn_cell),
+             ("gunicorn start → /readyz 200", _ready_cell)]
+    rows = []
+    for (what, cell), (goal, verdict) in zip(cells, goals(after)):
+        rows.append((what, cell(before) if before else "no baseline in this run", cell(after), f"{goal}: {verdict}"))
+    return rows
+
+
+def comparison_text(results: dict) -> str:
+    base = results.get("baseline") or {}
+    lines = [f"issue #13, before = {base.get('ref', '-')} ({(base.get('commit') or '')[:12]}), "
+             f"after = {results['machine']['git']}:"]
+    for what, b, a, goal in comparison_rows(results):
+        lines += [f"  {what}", f"    before: {b}", f"    after:  {a}", f"    goal:   {goal}"]
+    return "\n".join(lines)
+
+
+def comparison_markdown(results: dict) -> str:
+    base = results.get("baseline")
+    head = (f"| figure | before (`{base['commit'][:7]}`) | after (`{results['machine']['git']}`) | goal (judged on after) |"
+            if base else f"| figure | before | after (`{results['machine']['git']}`) | goal (judged on after) |")
+    lines = [head, "|---|---|---|---|"]
+    for what, b, a, goal in comparison_rows(results):
+        lines.append(f"| {what} | {b} | {a} | {goal} |")
+    return "\n".join(lines)
