@@ -76,6 +76,8 @@ def parse(argv=None):
                    help="client permessage-deflate offer (browsers offer it; default deflate)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for gunicorn")
     p.add_argument("--stop-p99-ms", type=float, default=2000.0, help="end a configuration's sweep past this p99")
+    p.add_argument("--stop-lost", type=float, default=0.05,
+                   help="end a configuration's sweep once more than this fraction of deliveries is lost")
     p.add_argument("--profile", action="store_true", help="py-spy the workers during the --profile-load step")
     p.add_argument("--profile-load", type=float, default=None)
     p.add_argument("--time-limit", type=float, help="overall seconds; later steps are skipped (default: enough for every phase)")
@@ -105,11 +107,21 @@ def parse(argv=None):
     return args
 
 
+def write_readme(results: dict, run_dir: Path):
+    """bench/PERFORMANCE.md from one run's results, linking that run's files (relative to bench/)."""
+    try:
+        rel = run_dir.relative_to(HERE).as_posix()
+    except ValueError:
+        rel = run_dir.as_posix()
+    memory = f"{rel}/memory.png" if (run_dir / "memory.png").exists() else None
+    (HERE / "PERFORMANCE.md").write_text(report.readme_section(results, f"{rel}/results.json", f"{rel}/plot.png", memory))
+
+
 def main(argv=None):
     args = parse(argv)
     if args.readme_from:
-        results = json.loads(Path(args.readme_from).read_text())
-        (HERE / "PERFORMANCE.md").write_text(report.readme_section(results))
+        source = Path(args.readme_from).resolve()
+        write_readme(json.loads(source.read_text()), source.parent)
         return 0
     from bench.run import Bench
 
@@ -120,7 +132,7 @@ def main(argv=None):
     print()
     print(report.table(results))
     if args.mode == "reference":
-        (HERE / "PERFORMANCE.md").write_text(report.readme_section(results))
+        write_readme(results, out.resolve())
     print(f"\nresults: {out / 'results.json'}, steps: {out / 'steps.jsonl'}, plot: {out / 'plot.png'}")
     return 0
 

@@ -169,7 +169,7 @@ class Bench:
             if baseline:
                 base_repo = baseline.__enter__()
                 results["baseline"] = {"ref": a.baseline, "commit": baseline.commit, "machine": machine_info(base_repo),
-                                       "configs": []}
+                                       "worktree": str(base_repo), "configs": []}
                 log(f"baseline (before): {a.baseline} = {baseline.commit[:12]} in {base_repo}")
             # Phase by phase, before then after: the two are measured close together in time.
             checkouts = ([("before", base_repo, results["baseline"])] if baseline else []) + [("after", self.repo, results)]
@@ -267,7 +267,7 @@ class Bench:
                 step["generator_cpu_us_per_delivery"] = round(used["gen"] / delivered * 1e6, 1)
                 cfg["steps"].append(step)
                 print(report.row(name, step), flush=True)
-                if step["p99_ms"] is None or step["p99_ms"] > a.stop_p99_ms or step["lost"] > 0.05 * max(1, step["expected"]):
+                if step["p99_ms"] is None or step["p99_ms"] > a.stop_p99_ms or step["lost"] > a.stop_lost * max(1, step["expected"]):
                     log(f"{name}: saturated at {load}/s (p99 {step['p99_ms']} ms, lost {step['lost']}); next configuration")
                     break
             cfg["knee"] = report.knee(cfg["steps"])
