@@ -532,7 +532,9 @@ def _busy_cell(f):
         return "not measured"
     return (f"{b['per_socket_rss_kib']:.1f} KiB RSS, {b['per_socket_pss_kib']:.1f} KiB PSS ({b['held']:,} sockets, "
             f"{b['minutes_run']} min at {b['delivered_per_s']:,.0f}/s delivered, {b['lost']:,} lost, p99 {b['p99_ms']} ms; "
-            f"probe {b['probe']['delivered']}/{b['probe']['expected']}; other jobs {b.get('other_cores', 0):.2f})")
+            f"probe {b['probe']['delivered']}/{b['probe']['expected']}; other jobs {b.get('other_cores', 0):.2f})"
+            + (f"; **overloaded: {b['offered_deliveries_per_s']:,.0f}/s offered was more than it delivered, so this is "
+               "memory under a growing backlog, not steady chat**" if b["lost"] > 0.01 * max(1, b["expected"]) else ""))
 
 
 def _churn_cell(f):
