@@ -545,7 +545,7 @@ def _churn_cell(f):
     failed = sum(c["failed"].values())
     return ((f"{slope:+,.1f} KiB/min" if slope is not None else "- (too few samples)")
             + f" ({c['completed']:,} reconnects completed, {c['completed_per_s']:.0f}/s of {c['rate_requested']:.0f}/s asked, "
-            f"{failed:,} failed; workers {(c['rss_start'] or 0) / 2**20:.0f} → {(c['rss_end'] or 0) / 2**20:.0f} MiB RSS"
+            f"{failed:,} failed, {c.get('skipped', 0):,} not started because too many were still opening; workers {(c['rss_start'] or 0) / 2**20:.0f} → {(c['rss_end'] or 0) / 2**20:.0f} MiB RSS"
             + ("; **a worker restarted**" if c.get("workers_restarted") else "") + f"; other jobs {c.get('other_cores', 0):.2f})")
 
 
@@ -671,4 +671,19 @@ def issue13_section(results: dict) -> str:
     note = (f"Before: `{base['ref']}` = `{base['commit'][:12]}`, measured in the same run with the same generator, "
             "services and seeded data (production venv from this checkout's lock)." if base else
             "**No baseline in this run** (`--baseline none`): the before column is empty.")
+    if base and app_differs(base["commit"], results["machine"]["git"]) is False:
+        note += (" **The app code (app/, gunicorn.conf.py) is the same in both columns**: their differences are "
+                 "run-to-run noise on this machine, a measure of how far apart two identical runs land.")
     return text + "\n" + note + "\n\n" + comparison_markdown(results) + "\n"
+
+
+def app_differs(before: str, after_git: str):
+    """Whether the served code differs between two commits (None if git cannot tell, e.g. a modified checkout)."""
+    import subprocess
+
+    after = after_git.split()[0]
+    if "modified" in after_git:
+        return None
+    result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "diff", "--quiet", before, after, "--",
+                             "app", "gunicorn.conf.py"], capture_output=True, timeout=60)
+    return {0: False, 1: True}.get(result.returncode)
