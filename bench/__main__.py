@@ -1,7 +1,7 @@
 """python -m bench [--quick | --reference] [options]
 
 --quick      a small run (~1.5 min): 100 clients in 5 rooms, 3 load steps, pubsub vs core on 2 workers,
-             500 idle sockets, 300 busy sockets for 15 s, 20 reconnects/s for 15 s; no baseline.
+             500 idle sockets, 300 busy sockets for 9 s, 20 reconnects/s for 9 s; no baseline.
              Checks the harness; its numbers mean little.
 --reference  the reference run (`make bench`, ~50 min): issue #13's measurements, each on the baseline
              (--baseline, default the issue's "before" commit) and on this checkout: 1,000 clients in
@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 MODES = {
     "quick": dict(clients=100, rooms=5, loads=[200, 500, 1000], duration=3.0, drain=2.0, warmup=1.0,
                   configs="pubsub:2,core:2", idle=500, gen_procs=2,
-                  busy=300, busy_minutes=0.25, busy_load=1000.0, busy_step=5.0,
-                  churn=20.0, churn_minutes=0.25, churn_hold=1.0, churn_sample=1.0, baseline="none"),
+                  busy=300, busy_minutes=0.15, busy_load=1000.0, busy_step=4.5,
+                  churn=20.0, churn_minutes=0.15, churn_hold=1.0, churn_sample=1.0, baseline="none"),
     "reference": dict(clients=1000, rooms=50, loads=[5000, 10000, 15000, 20000, 25000],
                       duration=8.0, drain=3.0, warmup=2.0, configs="pubsub:2", idle=0, gen_procs=2,
                       # 2,500/s: 5,000/s with 10,000 sockets overloaded the "before" code on the shared
