@@ -31,7 +31,7 @@ lock: $(STAMP)
 	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in
 	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links -o requirements-dev.txt requirements-dev.in
 
-## Benchmark of the production stack (about 5-8 minutes; run it on a quiet machine).
+## Benchmark of the production stack, before (issue #13) and after (about 50 minutes; a quiet machine).
 bench: $(STAMP)
 	$(BIN)/python -m bench --reference
 

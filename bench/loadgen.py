@@ -7,9 +7,14 @@ per line on stdin and answers one JSON line on stdout:
    "clients": [[cid, room_id, session_key], ...], "concurrency": 64, "timeout": 120}
       -> {"connected": [cid, ...], "failed": {reason: n}, "seconds": s}
   {"cmd": "run", "step": s, "rate": per-client msgs/s, "duration": s, "drain": s,
-   "room_sizes": {room_id: members}, "senders": [cid, ...] | null, "min_sends": n (default 0)}
+   "room_sizes": {room_id: members}, "senders": [cid, ...] | null,
+   "min_sends": n (each sender sends at least n), "lat_cap": n | null (keep a uniform sample of n latencies)}
       -> totals of this process for step s (sent, expected deliveries, unique
          deliveries, duplicates, latencies in microseconds, errors, CPU seconds)
+  {"cmd": "churn", "base": ..., "origin": ..., "clients": [[cid, room_id, session_key], ...],
+   "rate": reconnects/s, "duration": s, "hold": s, "concurrency": n}
+      -> {"started", "completed", "failed": {reason: n}, "closed_by_server", "skipped", "seconds"}
+         (transient sockets: connect, read for `hold` s, close; never kept in the pool)
   {"cmd": "close"} -> {"closed": n} and the process exits
 
 Every message text is `bm <step> <sender cid> <seq> <monotonic ns at send>`:
@@ -55,6 +60,9 @@ class Generator:
         self.window_open = False
         self.window_deliveries = 0
         self.closed_by_server = 0
+        self.lat_cap = None  # per step (cmd_run's lat_cap)
+        self.rng = random.Random()
+        self.compression = None
 
     # --- receiving -----------------------------------------------------------
     def on_frame(self, client: Client, frame):
@@ -95,7 +103,13 @@ class Generator:
             return
         seen.add(key)
         st["unique"] += 1
-        st["lat"].append((now - sent_ns) // 1000)
+        lat = st["lat"]
+        if self.lat_cap is None or len(lat) < self.lat_cap:
+            lat.append((now - sent_ns) // 1000)
+        else:  # reservoir sampling: a uniform sample of a long step's latencies in bounded memory
+            k = self.rng.randrange(st["unique"])
+            if k < self.lat_cap:
+                lat[k] = (now - sent_ns) // 1000
 
     async def reader(self, client: Client):
         try:
@@ -140,8 +154,9 @@ class Generator:
         await asyncio.gather(*(one(*c) for c in clients))
         return {"connected": connected, "failed": dict(failed), "seconds": time.monotonic() - started}
 
-    async def cmd_run(self, step, rate, duration, drain, room_sizes, senders=None, min_sends=0):
+    async def cmd_run(self, step, rate, duration, drain, room_sizes, senders=None, min_sends=0, lat_cap=None):
         room_sizes = {int(k): v for k, v in room_sizes.items()}
+        self.lat_cap = lat_cap
         usage0 = resource.getrusage(resource.RUSAGE_SELF)
         start = time.monotonic()
         end = start + duration
@@ -158,7 +173,7 @@ class Generator:
                 if at >= end:
                     if seq >= min_sends:
                         break
-                    at = end  # a probe sender that drew no send in time still sends (now)
+                    at = end  # a probe: at least min_sends messages even if the schedule ended first
                 await asyncio.sleep(max(0.0, at - time.monotonic()))
                 text = f"bm {step} {client.cid} {seq} {time.monotonic_ns()}"
                 try:
@@ -190,6 +205,73 @@ class Generator:
             "cpu_s": (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
             "open": sum(1 for c in self.clients.values() if c.task and not c.task.done()),
         }
+
+    async def cmd_churn(self, base, origin, clients, rate, duration, hold=1.0, concurrency=256, timeout=30.0):
+        """Connect/disconnect churn: `rate` new sockets per second for `duration` s, each held `hold` s.
+
+        Sessions are taken round robin from `clients` (more sessions than sockets open at once,
+        so no user exceeds the per-user socket limit). A socket counts as completed once it
+        opened, stayed `hold` s and was closed by us; refused handshakes count by exception type.
+        """
+        started = time.monotonic()
+        end = started + duration
+        gate = asyncio.Semaphore(concurrency)
+        failed = Counter()
+        counts = Counter()
+        tasks = set()
+
+        async def one(cid, room, session):
+            try:
+                ws = await asyncio.wait_for(connect(
+                    f"{base}/ws/rooms/{room}/", origin=origin,
+                    additional_headers={"Cookie": f"sessionid={session}", "X-Forwarded-Proto": "https"},
+                    ping_interval=None, compression=self.compression, open_timeout=timeout, close_timeout=2,
+                    max_queue=None), timeout + 1)
+            except Exception as exc:  # noqa: BLE001 - counted
+                failed[type(exc).__name__] += 1
+                gate.release()
+                return
+            try:
+                closed_early = False
+                try:
+                    async with asyncio.timeout(hold):
+                        async for _frame in ws:  # the replay and any traffic: read, never kept
+                            pass
+                    closed_early = True  # the server closed it before `hold` ran out
+                except TimeoutError:
+                    pass
+                await asyncio.wait_for(ws.close(), 5)
+                counts["closed_by_server" if closed_early else "completed"] += 1
+            except Exception as exc:  # noqa: BLE001 - counted
+                failed[f"close_{type(exc).__name__}"] += 1
+            finally:
+                gate.release()
+
+        at = started
+        n = 0
+        while True:  # evenly spaced starts at `rate`/s (a reconnect: a socket goes, another comes)
+            at += 1.0 / rate
+            if at >= end:
+                break
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            if gate.locked():  # too many still connecting/open: counted, never queued without bound
+                counts["skipped"] += 1
+                continue
+            await gate.acquire()
+            cid, room, session = clients[n % len(clients)]
+            n += 1
+            counts["started"] += 1
+            task = asyncio.create_task(one(cid, room, session))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            _done, pending = await asyncio.wait(list(tasks), timeout=hold + timeout + 10)
+            for task in pending:  # bounded: whatever is still hanging is counted and dropped
+                task.cancel()
+                failed["unfinished"] += 1
+        return {"started": counts["started"], "completed": counts["completed"], "failed": dict(failed),
+                "closed_by_server": counts["closed_by_server"], "skipped": counts["skipped"],
+                "seconds": time.monotonic() - started}
 
     async def cmd_close(self):
         async def one(c):

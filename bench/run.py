@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench import report
+from bench.baseline import Baseline
+from bench.soak import busy, churn, churn_pool
 from bench.stack import AppStack, Services, cpu_seconds, machine_busy_seconds, memory, raise_nofile
 
 BENCH_ROOT = Path(__file__).resolve().parents[1]  # the checkout holding bench/ and tests/harness
@@ -54,19 +56,24 @@ class Generators:
     def pids(self):
         return [p.pid for p in self.procs]
 
-    def call(self, commands: list[dict], timeout: float) -> list[dict]:
-        def one(proc, command):
-            proc.stdin.write(json.dumps(command) + "\n")
-            proc.stdin.flush()
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"load generator {proc.pid} exited ({proc.poll()})")
-            reply = json.loads(line)
-            if "error" in reply:
-                raise RuntimeError(f"load generator {proc.pid}: {reply['error']}")
-            return reply
+    @staticmethod
+    def _exchange(proc, command):
+        proc.stdin.write(json.dumps(command) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load generator {proc.pid} exited ({proc.poll()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"load generator {proc.pid}: {reply['error']}")
+        return reply
 
-        futures = [self.pool.submit(one, p, c) for p, c in zip(self.procs, commands)]
+    def submit(self, commands: list[dict]):
+        """One command per process, without waiting: the futures (the coordinator samples meanwhile)."""
+        return [self.pool.submit(self._exchange, p, c) for p, c in zip(self.procs, commands)]
+
+    def call(self, commands: list[dict], timeout: float) -> list[dict]:
+        futures = self.submit(commands)
         deadline = time.monotonic() + timeout
         return [f.result(timeout=max(0.1, deadline - time.monotonic())) for f in futures]
 
@@ -148,30 +155,55 @@ class Bench:
             "workload": {"clients": a.clients, "rooms": a.rooms, "room_size": a.clients // a.rooms,
                          "loads": a.loads, "step_seconds": a.duration, "drain_seconds": a.drain,
                          "generator_processes": a.gen_procs, "client_compression": a.compression,
-                         "p99_limit_ms": report.P99_LIMIT_MS},
+                         "p99_limit_ms": report.P99_LIMIT_MS,
+                         "busy": {"sockets": a.busy, "minutes": a.busy_minutes, "offered_deliveries_per_s": a.busy_load,
+                                  "step_seconds": a.busy_step, "room_size": a.idle_room_size} if a.busy else None,
+                         "churn": {"reconnects_per_s": a.churn, "minutes": a.churn_minutes, "hold_seconds": a.churn_hold,
+                                   "sample_seconds": a.churn_sample} if a.churn else None},
             "configs": [], "logs": str(self.log_dir),
         }
+        baseline = Baseline(BENCH_ROOT, a.baseline) if a.baseline else None
         services = Services()
         self.services = services
         try:
-            seeded = None
-            for n, (layer, workers) in enumerate(a.configs):
-                if self.left() < 30:
-                    log("time limit reached; skipping the remaining configurations")
-                    break
-                stack = AppStack(services, self.repo, workers, layer, a.app_env, self.log_dir)
-                if n == 0:
-                    stack.prepare()
-                    t = time.monotonic()
-                    seeded = stack.seed(max(a.clients, a.idle), max(a.rooms, -(-a.idle // a.idle_room_size)))
-                    log(f"seeded {len(seeded['sessions'])} users+sessions and {len(seeded['rooms'])} rooms in {time.monotonic() - t:.1f} s")
-                results["configs"].append(self.sweep(stack, seeded))
-                services.flush_redis()
-            if a.idle and self.left() > 30:
-                layer, workers = a.configs[0]
-                results["idle"] = self.idle(AppStack(services, self.repo, workers, layer, a.app_env, self.log_dir), seeded)
+            if baseline:
+                base_repo = baseline.__enter__()
+                results["baseline"] = {"ref": a.baseline, "commit": baseline.commit, "machine": machine_info(base_repo),
+                                       "worktree": str(base_repo), "configs": []}
+                log(f"baseline (before): {a.baseline} = {baseline.commit[:12]} in {base_repo}")
+            # Phase by phase, before then after: the two are measured close together in time.
+            checkouts = ([("before", base_repo, results["baseline"])] if baseline else []) + [("after", self.repo, results)]
+            # The schema and seeded data come from this checkout (a baseline shares them).
+            first = AppStack(services, self.repo, a.configs[0][1], a.configs[0][0], a.app_env, self.log_dir)
+            first.prepare()
+            t = time.monotonic()
+            rooms_needed = max(a.rooms, -(-max(a.idle, a.busy) // a.idle_room_size))
+            seeded = first.seed(max(a.clients, a.idle, a.busy, churn_pool(a.churn, a.churn_hold, 10**9) if a.churn else 0),
+                                rooms_needed)
+            log(f"seeded {len(seeded['sessions'])} users+sessions and {len(seeded['rooms'])} rooms in {time.monotonic() - t:.1f} s")
+            for layer, workers in a.configs:
+                for label, repo, into in checkouts:
+                    if self.left() < 30:
+                        log("time limit reached; skipping the remaining configurations")
+                        break
+                    into["configs"].append(self.sweep(AppStack(services, repo, workers, layer, a.app_env, self.log_dir), seeded))
+                    services.flush_redis()
+            layer, workers = a.configs[0]
+            phases = [("idle", a.idle, self.idle, 60), ("busy", a.busy, lambda st, sd: busy(self, st, sd), a.busy_minutes * 60 + 60),
+                      ("churn", a.churn, lambda st, sd: churn(self, st, sd), a.churn_minutes * 60 + 60)]
+            for phase, wanted, measure, needs in phases:
+                for label, repo, into in checkouts:
+                    if not wanted:
+                        continue
+                    if self.left() < needs:
+                        log(f"time limit reached; {phase} ({label}) skipped")
+                        continue
+                    into[phase] = measure(AppStack(services, repo, workers, layer, a.app_env, self.log_dir), seeded)
+                    services.flush_redis()
         finally:
             services.stop()
+            if baseline:
+                baseline.__exit__(None, None, None)
         results["recommendation"] = report.recommend(results)
         return results
 
@@ -235,7 +267,7 @@ class Bench:
                 step["generator_cpu_us_per_delivery"] = round(used["gen"] / delivered * 1e6, 1)
                 cfg["steps"].append(step)
                 print(report.row(name, step), flush=True)
-                if step["p99_ms"] is None or step["p99_ms"] > a.stop_p99_ms or step["lost"] > a.stop_lost_share * max(1, step["expected"]):
+                if step["p99_ms"] is None or step["p99_ms"] > a.stop_p99_ms or step["lost"] > a.stop_lost * max(1, step["expected"]):
                     log(f"{name}: saturated at {load}/s (p99 {step['p99_ms']} ms, lost {step['lost']}); next configuration")
                     break
             cfg["knee"] = report.knee(cfg["steps"])
