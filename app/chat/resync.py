@@ -152,11 +152,18 @@ async def resync_all() -> tuple[int, int]:
     return rooms, sent
 
 
-async def prune_subscriptions() -> int:
-    """Unsubscribe channels and groups that no consumer in this process uses."""
-    from channels.layers import get_channel_layer
+async def prune_subscriptions(layer=None) -> int:
+    """Unsubscribe channels and groups that no consumer in this process uses.
 
-    layer = get_channel_layer()
+    The one place that reads channels_redis' private PubSub state (the
+    per-loop layer's shards, their lock and subscriptions): the library has no
+    API for it. tests/integration/test_prune_subscriptions.py pins what it
+    relies on, with a real Redis: a group discarded while Redis is down stays
+    subscribed after the reconnect (redis-py re-subscribes it), and this drops it."""
+    if layer is None:
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
     get_layer = getattr(layer, "_get_layer", None)
     if get_layer is None:
         return 0

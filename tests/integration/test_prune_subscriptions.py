@@ -1,0 +1,57 @@
+"""app/chat/resync.py prune_subscriptions against channels_redis' PubSub layer and a real Redis.
+
+It reads the library's private state (there is no API for it), so this pins
+the behaviour it relies on: a group discarded while Redis is down stays
+subscribed once Redis is back (redis-py re-subscribes what it still holds),
+and prune_subscriptions drops exactly the subscriptions nobody uses.
+"""
+import asyncio
+import time
+
+import pytest
+import redis as redis_py
+from channels_redis.pubsub import RedisPubSubChannelLayer
+
+from app.chat.resync import prune_subscriptions
+from tests.harness.services import RedisServer
+
+pytestmark = pytest.mark.integration
+
+GONE, KEPT = b"asgi__group__gone", b"asgi__group__kept"
+
+
+async def subscribed(client, name, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if name in client.pubsub_channels():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_a_group_discarded_while_redis_was_down_is_pruned_and_only_it():
+    server = RedisServer().start()
+    layer = RedisPubSubChannelLayer(hosts=[{"address": server.url, "socket_timeout": 3.0}])
+    client = redis_py.Redis(host="127.0.0.1", port=server.port)
+    try:
+        gone, kept = await layer.new_channel(), await layer.new_channel()
+        await layer.group_add("gone", gone)
+        await layer.group_add("kept", kept)
+        assert {GONE, KEPT} <= set(client.pubsub_channels())
+        server.stop()
+        await layer.group_discard("gone", gone)  # the last member leaves while Redis is down
+        server.start()
+        # The library behaviour: the reconnect subscribes it again, although nobody is in it.
+        assert await subscribed(client, GONE), client.pubsub_channels()
+        assert await subscribed(client, KEPT)
+
+        assert await prune_subscriptions(layer) == 1
+        channels = set(client.pubsub_channels())
+        assert GONE not in channels, channels
+        assert KEPT in channels, channels  # positive control: a group in use stays
+        await asyncio.sleep(1.0)  # the receive loop reads Redis' confirmation of the unsubscribe
+        assert await prune_subscriptions(layer) == 0
+    finally:
+        await layer.flush()
+        client.close()
+        server.stop()
