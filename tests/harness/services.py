@@ -432,7 +432,9 @@ checkout staged by tests/harness/release.py), from the production lock's venv
         self._log = open(self.log_path, "ab")
         # Never root, as on every target (the contract checks it).
         as_nobody = {"user": "nobody", "group": "nogroup"} if os.geteuid() == 0 else {}
-        self.proc = subprocess.Popen([str(gunicorn)], cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, **as_nobody)
+        # Its own process group: see stop().
+        self.proc = subprocess.Popen([str(gunicorn)], cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, **as_nobody)
         _started(self)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
@@ -449,6 +451,20 @@ checkout staged by tests/harness/release.py), from the production lock's venv
         self.stop(signal.SIGKILL, 10)  # not ready: do not leave it running
         raise TimeoutError(f"gunicorn not ready within {ready_timeout}s:\n{self.log()[-5000:]}")
 
+    def kill_leftovers(self) -> int:
+        """SIGKILL whatever of this instance outlived its master. A Uvicorn
+        worker does not watch its parent, so a master killed with SIGKILL (a
+        start that timed out, a drain that overran) left its workers serving
+        the port for the rest of the session (found as orphans after a CI run).
+        On the targets the container or systemd's control group ends them."""
+        if self.proc is None:
+            return 0
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return 0
+        return 1
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -458,6 +474,7 @@ checkout staged by tests/harness/release.py), from the production lock's venv
 
     def stop(self, sig=signal.SIGTERM, timeout=40):
         _terminate(self.proc, sig, timeout)
+        self.kill_leftovers()
         if getattr(self, "_log", None):
             self._log.close()
         _stopped(self)

@@ -103,3 +103,24 @@ def test_a_session_that_errors_or_is_terminated_leaves_no_service_running(tmp_pa
         os.kill(pid, signal.SIGKILL)
     assert not leaked, f"redis-server {pid} outlived the {mode} session:\n{out}"
     assert child.returncode != 0, out  # the session did fail
+
+
+def test_a_master_killed_with_sigkill_leaves_no_worker_behind(stack):
+    """Uvicorn workers do not watch their parent: without stop()'s process-group
+    kill they keep serving the port after the master dies (orphans found after
+    a CI run). Positive control: the workers are alive after the master's death."""
+    from tests.harness.services import Gunicorn, free_port
+
+    env = {**stack.env, "PORT": str(free_port()), "WEB_CONCURRENCY": "2"}
+    gunicorn = Gunicorn(env).start(ready_timeout=60)
+    workers = gunicorn.worker_pids()
+    assert len(workers) == 2, workers
+    os.kill(gunicorn.proc.pid, signal.SIGKILL)
+    gunicorn.proc.wait(10)
+    time.sleep(0.5)
+    assert all(_alive(pid) for pid in workers), "the workers died with their master: nothing to clean up"
+    gunicorn.stop()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), f"workers outlived stop(): {workers}"
