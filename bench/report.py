@@ -671,9 +671,14 @@ def issue13_section(results: dict) -> str:
     note = (f"Before: `{base['ref']}` = `{base['commit'][:12]}`, measured in the same run with the same generator, "
             "services and seeded data (production venv from this checkout's lock)." if base else
             "**No baseline in this run** (`--baseline none`): the before column is empty.")
-    if base and app_differs(base["commit"], results["machine"]["git"]) is False:
+    differs = app_differs(base["commit"], results["machine"]["git"]) if base else None
+    if differs is False:
         note += (" **The app code (app/, gunicorn.conf.py) is the same in both columns**: their differences are "
                  "run-to-run noise on this machine, a measure of how far apart two identical runs land.")
+    elif differs:
+        after = results["machine"]["git"].split()[0]
+        note += (f" What the served code changed between the columns: `git diff --stat {base['commit'][:12]} {after} -- "
+                 "app gunicorn.conf.py`.")
     return text + "\n" + note + "\n\n" + comparison_markdown(results) + "\n"
 
 
@@ -684,6 +689,6 @@ def app_differs(before: str, after_git: str):
     after = after_git.split()[0]
     if "modified" in after_git:
         return None
-    result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "diff", "--quiet", before, after, "--",
+    result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), "diff", "--quiet", before, after, "--",
                              "app", "gunicorn.conf.py"], capture_output=True, timeout=60)
     return {0: False, 1: True}.get(result.returncode)
