@@ -427,7 +427,9 @@ checkout staged by tests/harness/release.py), from the production lock's venv
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
         self.proc = None
 
-    def start(self, ready_timeout: float = 30.0) -> "Gunicorn":
+    def start(self, ready_timeout: float = 30.0, until: str = "/readyz") -> "Gunicorn":
+        """Start and wait until `until` answers 200 (`/healthz`: the process
+        answers, whatever its dependencies say)."""
         gunicorn = prod_venv.ensure() / "gunicorn"
         self._log = open(self.log_path, "ab")
         # Never root, as on every target (the contract checks it).
@@ -441,7 +443,7 @@ checkout staged by tests/harness/release.py), from the production lock's venv
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{self.port}/readyz", headers={"Host": "127.0.0.1"})
+                req = urllib.request.Request(f"http://127.0.0.1:{self.port}{until}", headers={"Host": "127.0.0.1"})
                 with urllib.request.urlopen(req, timeout=2) as r:
                     if r.status == 200:
                         return self
