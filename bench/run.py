@@ -277,12 +277,17 @@ class Bench:
         return cfg
 
     # --- idle sockets ----------------------------------------------------------
-    def idle(self, stack: AppStack, seeded) -> dict:
-        a = self.args
+    def start_phase(self, stack: AppStack, phase: str, doing: str) -> str:
+        """A fresh gunicorn for one memory phase (idle, busy, churn); its name."""
         name = f"{stack.layer}-w{stack.workers}"
         stack.start()
-        log(f"idle: {name} ready in {stack.ready_seconds:.2f} s; connecting {a.idle} sockets")
+        log(f"{phase}: {name} ready in {stack.ready_seconds:.2f} s; {doing}")
         time.sleep(1)
+        return name
+
+    def idle(self, stack: AppStack, seeded) -> dict:
+        a = self.args
+        name = self.start_phase(stack, "idle", f"connecting {a.idle} sockets")
         pids = stack.pids()
         before = memory(pids)
         gens = Generators(a.gen_procs, a.compression, self.log_dir)

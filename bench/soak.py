@@ -60,10 +60,7 @@ def busy(bench, stack, seeded) -> dict:
     from bench.run import Generators, log
 
     a = bench.args
-    name = f"{stack.layer}-w{stack.workers}"
-    stack.start()
-    log(f"busy: {name} ready in {stack.ready_seconds:.2f} s; connecting {a.busy} sockets")
-    time.sleep(1)
+    name = bench.start_phase(stack, "busy", f"connecting {a.busy} sockets")
     pids = stack.pids()
     before = memory(pids)
     gens = Generators(a.gen_procs, a.compression, bench.log_dir)
@@ -148,10 +145,7 @@ def churn(bench, stack, seeded) -> dict:
     from bench.run import Generators, log, split
 
     a = bench.args
-    name = f"{stack.layer}-w{stack.workers}"
-    stack.start()
-    log(f"churn: {name} ready in {stack.ready_seconds:.2f} s; {a.churn:.0f} reconnects/s for {a.churn_minutes} min")
-    time.sleep(1)
+    name = bench.start_phase(stack, "churn", f"{a.churn:.0f} reconnects/s for {a.churn_minutes} min")
     gens = Generators(a.gen_procs, a.compression, bench.log_dir)
     try:
         rooms = seeded["rooms"]
