@@ -160,7 +160,7 @@ if REDIS:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": {
-                "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+                "pubsub": "app.chat.layer.ChatPubSubChannelLayer",
                 "core": "channels_redis.core.RedisChannelLayer",
             }[CHANNEL_LAYER],
             "CONFIG": {"hosts": [_redis_host]},

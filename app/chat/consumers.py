@@ -27,6 +27,9 @@ A socket whose session, user or room is revoked (logout, password change,
 deactivation, deletion) is closed by app/chat/revocation.py with an error
 frame and 4401/4403/4404; it stores nothing after that.
 """
+import asyncio
+import collections
+import contextvars
 import json
 import logging
 import time
@@ -36,7 +39,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth import HASH_SESSION_KEY
 
-from app.chat import logfilters, resync, revocation, slots, throttle
+from app.chat import layer, logfilters, resync, revocation, slots, throttle
 from app.chat.guard import OUTAGE_ERRORS
 from app.chat.delivery import Delivered
 from app.chat.fan_out import fan_out
@@ -266,6 +269,40 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # More than a page missed: the older ones are skipped on purpose.
         await self.catch_up(rows)
         resync.register(self)
+        self.outbox = collections.deque()
+        self.outbox_task = None
+        self.outbox_context = contextvars.copy_context()  # this socket's (log lines name its user)
+        layer.register(self.channel_name, self.offer)
+
+    def offer(self, event) -> bool:
+        """The worker's fan-out (app/chat/layer.py) hands a room message to this
+        socket directly: no queue and no dispatch-loop turn per socket. The frame
+        goes into the outbox, which one short task per socket writes while it
+        has frames. False: not a chat message, the regular path handles it."""
+        if event.get("type") != "chat.message":
+            return False
+        if self.revoked or self.closing or not self.delivered.add(event["seq"]):
+            return True  # closing, or sent already: nothing to do
+        self.outbox.append(event)
+        if self.outbox_task is None:
+            self.outbox_task = asyncio.get_running_loop().create_task(self.write_outbox(), context=self.outbox_context)
+        return True
+
+    async def write_outbox(self):
+        try:
+            while self.outbox:
+                event = self.outbox.popleft()
+                await self.send(text_data=event["html"])
+                metrics.delivered()
+                metrics.latency(event.get("at"))
+                early = self.delivered.above
+                if len(early) > MAX_EARLY:
+                    await self.skip_to(min(early) - 1)
+        except Exception as exc:  # the connection went away meanwhile: the close cleans up
+            log.debug("outbox of %s stopped (%s: %s)", self.channel_name, type(exc).__name__, exc)
+            self.outbox.clear()
+        finally:
+            self.outbox_task = None
 
     async def accept(self, subprotocol=None, headers=None):
         await super().accept(subprotocol, headers)
@@ -321,6 +358,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         return after if after >= 0 else None
 
     async def disconnect(self, code):
+        layer.unregister(getattr(self, "channel_name", None))
+        outbox_task = getattr(self, "outbox_task", None)
+        if outbox_task is not None:
+            outbox_task.cancel()
         if getattr(self, "counted", False):
             self.counted = False
             metrics.socket_closed()

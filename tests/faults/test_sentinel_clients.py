@@ -120,7 +120,8 @@ def test_sentinel_blocking_pool_waits_where_the_plain_sentinel_pool_refuses(clus
     assert any(isinstance(o, ConnectionError) and "Too many connections" in str(o) for o in outcome), outcome
 
 
-@pytest.mark.parametrize("backend", ["channels_redis.pubsub.RedisPubSubChannelLayer", "channels_redis.core.RedisChannelLayer"])
+@pytest.mark.parametrize("backend", ["app.chat.layer.ChatPubSubChannelLayer", "channels_redis.pubsub.RedisPubSubChannelLayer",
+                                     "channels_redis.core.RedisChannelLayer"])
 def test_channel_layer_follows_the_failover_and_reports_the_reconnect(cluster, backend):
     from django.utils.module_loading import import_string
 

@@ -10,9 +10,9 @@ import asyncio
 
 import pytest
 import redis.exceptions
-from channels_redis.pubsub import RedisPubSubChannelLayer
 
 from app.chat.fan_out import fan_out
+from app.chat.layer import ChatPubSubChannelLayer
 from tests.harness.services import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ async def restarted():
     """A layer with one channel in group "room", used once, then Redis restarted
     on the same port (a private server: the session's Redis stays up)."""
     server = RedisServer().start()
-    layer = RedisPubSubChannelLayer(hosts=[{"address": server.url, "socket_timeout": 3.0}])
+    layer = ChatPubSubChannelLayer(hosts=[{"address": server.url, "socket_timeout": 3.0}])
     try:
         channel = await layer.new_channel()
         await layer.group_add("room", channel)

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import redis as redis_py
-from channels_redis.pubsub import RedisPubSubChannelLayer
 
+from app.chat.layer import ChatPubSubChannelLayer
 from app.chat.resync import prune_subscriptions
 from tests.harness.services import RedisServer
 
@@ -31,7 +31,7 @@ async def subscribed(client, name, timeout=10.0) -> bool:
 
 async def test_a_group_discarded_while_redis_was_down_is_pruned_and_only_it():
     server = RedisServer().start()
-    layer = RedisPubSubChannelLayer(hosts=[{"address": server.url, "socket_timeout": 3.0}])
+    layer = ChatPubSubChannelLayer(hosts=[{"address": server.url, "socket_timeout": 3.0}])
     client = redis_py.Redis(host="127.0.0.1", port=server.port)
     try:
         gone, kept = await layer.new_channel(), await layer.new_channel()

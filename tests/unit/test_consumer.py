@@ -261,3 +261,35 @@ async def test_nothing_is_sent_after_the_close():
     await consumer.close(code=1000)
     assert await a.receive_nothing(timeout=0.2)
     await a.disconnect()
+
+
+async def test_an_offered_room_message_is_written_once_and_declined_events_are_left_to_the_queue():
+    """The worker's fan-out (app/chat/layer.py) calls consumer.offer directly;
+    with the in-memory layer of the unit tests nothing else calls it, so this
+    drives it by hand. A seq is written once (a second offer, or a resync copy,
+    is dropped); other event types are declined (False: the queue path);
+    after a revocation nothing more is written."""
+    from app.chat import layer, revocation
+
+    alice, room = await make_user_and_room("alice")
+    a = communicator(room.pk, alice, query="after=0")
+    assert (await a.connect())[0]
+    (consumer,) = revocation._by_user[alice.pk]
+    assert await a.receive_nothing(timeout=0.2)  # the replay (nothing to replay) registers the offer when done
+    offer = layer._offers[consumer.channel_name]
+    event = {"type": "chat.message", "id": 1, "seq": 1, "html": "<article>one</article>", "at": None}
+    assert offer(event) is True
+    assert await a.receive_from() == "<article>one</article>"
+    assert offer(dict(event)) is True  # the same seq again: taken, not written
+    assert await consumer.catch_up([(1, 1, "<article>one</article>")]) == 0
+    assert offer({"type": "chat.revoke", "user": alice.pk}) is False
+    assert await a.receive_nothing(timeout=0.2)
+    assert offer({**event, "seq": 2, "html": "<article>two</article>"}) is True
+    assert await a.receive_from() == "<article>two</article>"
+    assert await consumer.revoke("signed_out")
+    assert 'data-error="signed_out"' in await a.receive_from()
+    assert (await a.receive_output())["type"] == "websocket.close"
+    assert offer({**event, "seq": 3, "html": "<article>three</article>"}) is True
+    assert await a.receive_nothing(timeout=0.2)
+    await a.disconnect()
+    assert consumer.channel_name not in layer._offers

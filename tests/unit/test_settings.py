@@ -60,7 +60,7 @@ def test_debug_defaults_to_false_and_daphne_only_with_debug():
 
 def test_channel_layer_backends_and_tls_opt_in():
     out = run(GOOD, PRINT.format("s.CHANNEL_LAYERS['default']"))
-    assert "RedisPubSubChannelLayer" in out.stdout and "ssl_cert_reqs" not in out.stdout
+    assert "app.chat.layer.ChatPubSubChannelLayer" in out.stdout and "ssl_cert_reqs" not in out.stdout
     out = run({**GOOD, "CHANNEL_LAYER": "core"}, PRINT.format("s.CHANNEL_LAYERS['default']['BACKEND']"))
     assert out.stdout.strip() == "'channels_redis.core.RedisChannelLayer'"
     out = run({**GOOD, "REDIS_URL": "rediss://h:6380", "REDIS_TLS_INSECURE": "True"}, PRINT.format("s.CHANNEL_LAYERS['default']['CONFIG']"))

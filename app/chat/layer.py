@@ -1,0 +1,101 @@
+"""The production channel layer: channels_redis' PubSub layer, with a room's
+fan-out done once per worker instead of once per socket.
+
+With the library's layer, a message published to a group reaches each worker
+once, and the worker then puts it in the queue of every member channel: per
+delivered frame, msgpack decoding, a queue wake-up and one turn of Channels'
+dispatch loop per socket (`await_many_dispatch`: an `asyncio.wait` and a new
+task each time). At a few thousand deliveries a second that was most of a
+worker's CPU (bench/PERFORMANCE.md). Here:
+
+* a consumer may register an `offer(event) -> bool` for its channel
+  (`register`). A group message is decoded once per worker and offered to
+  each local member that registered; one that takes it (returns True) gets no
+  queue entry. Every other member, and any event type an offer declines,
+  goes through the channel queue exactly as before, so `group_send` from any
+  code keeps working for any handler. The event dict is shared by every
+  offer: an offer must not change it.
+* `group_send`/`send` publish without the shard's lock. The library holds
+  one asyncio lock per Redis shard around every PUBLISH, so a worker had one
+  publish in flight at a time, each waiting for a turn of a busy event loop
+  (a convoy: 10-100 ms per message under load). redis-py's pool gives each
+  concurrent PUBLISH its own connection.
+
+Everything else (subscriptions, reconnects and their resync hook, Sentinel
+hosts, flush) is the library's. This module is the only place that subclasses
+its internals; tests/integration/test_channel_layer.py pins what it relies on
+(the library version is locked in requirements.txt).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
+from channels_redis.utils import _wrap_close
+
+Offer = Callable[[dict], bool]
+
+# channel name -> offer. Channel names are unique (uuid4) across processes and
+# event loops, so one dict per process is enough.
+_offers: dict[str, Offer] = {}
+
+
+def register(channel_name: str, offer: Offer) -> None:
+    """Offer this channel's group messages to `offer` before its queue."""
+    _offers[channel_name] = offer
+
+
+def unregister(channel_name: str | None) -> None:
+    _offers.pop(channel_name, None)
+
+
+def registered() -> int:
+    return len(_offers)
+
+
+class _Shard(RedisSingleShardConnection):
+    async def publish(self, channel, message):
+        self._ensure_redis()
+        await self._redis.publish(channel, message)
+
+    def _receive_message(self, message):
+        if message is None:
+            return
+        name = message["channel"]
+        if isinstance(name, bytes):
+            name = name.decode()
+        layer = self.channel_layer  # the loop layer: its channels and groups
+        members = layer.groups.get(name)
+        if members is None or name in layer.channels:
+            return super()._receive_message(message)
+        data, event = message["data"], None
+        for channel_name in tuple(members):  # an offer may close a socket, and a close leaves the group
+            queue = layer.channels.get(channel_name)
+            if queue is None:
+                continue
+            offer = _offers.get(channel_name)
+            if offer is not None:
+                if event is None:
+                    event = layer.channel_layer.deserialize(data)
+                if offer(event):
+                    continue
+            queue.put_nowait(data)
+
+
+class _LoopLayer(RedisPubSubLoopLayer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shards = [_Shard(shard.host, self) for shard in self._shards]
+
+
+class ChatPubSubChannelLayer(RedisPubSubChannelLayer):
+    """settings.CHANNEL_LAYERS' backend for CHANNEL_LAYER=pubsub (the default)."""
+
+    def _get_layer(self):
+        loop = asyncio.get_running_loop()
+        layer = self._layers.get(loop)
+        if layer is None:
+            layer = self._layers[loop] = _LoopLayer(*self._args, **self._kwargs, channel_layer=self)
+            _wrap_close(self, loop)
+        return layer

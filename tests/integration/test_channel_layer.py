@@ -1,0 +1,102 @@
+"""app/chat/layer.py against channels_redis and a real Redis.
+
+The layer subclasses the library's PubSub internals (the per-shard receive
+callback and publish), so this pins what it relies on: a group message is
+offered once to each local socket that registered and queued for the others;
+an offer that declines falls back to the queue; and a publish does not wait
+for the shard's lock, which the library's own publish does (negative control).
+Two layer objects in one event loop stand for two workers.
+"""
+import asyncio
+
+import pytest
+from channels_redis.pubsub import RedisPubSubChannelLayer
+
+from app.chat import layer as chat_layer
+from app.chat.layer import ChatPubSubChannelLayer
+from tests.harness.services import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def redis_url():
+    server = RedisServer().start()
+    yield server.url
+    server.stop()
+
+
+def hosts(url):
+    return [{"address": url, "socket_timeout": 3.0}]
+
+
+async def settle(condition, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_group_message_is_offered_once_per_registered_socket_and_queued_for_the_others(redis_url):
+    worker_a, worker_b = ChatPubSubChannelLayer(hosts=hosts(redis_url)), ChatPubSubChannelLayer(hosts=hosts(redis_url))
+    offered = {}
+    try:
+        direct_a, queued_a, direct_b = (await worker_a.new_channel(), await worker_a.new_channel(),
+                                        await worker_b.new_channel())
+        for worker, channel in ((worker_a, direct_a), (worker_a, queued_a), (worker_b, direct_b)):
+            await worker.group_add("room", channel)
+        for channel in (direct_a, direct_b):
+            chat_layer.register(channel, lambda event, channel=channel: offered.setdefault(channel, []).append(event) or True)
+
+        await worker_b.group_send("room", {"type": "chat.message", "seq": 1})
+
+        assert (await asyncio.wait_for(worker_a.receive(queued_a), 5)) == {"type": "chat.message", "seq": 1}
+        await settle(lambda: len(offered) == 2)
+        await asyncio.sleep(0.3)  # a second copy would arrive by now
+        assert offered == {direct_a: [{"type": "chat.message", "seq": 1}], direct_b: [{"type": "chat.message", "seq": 1}]}
+        # Nothing was queued for the sockets that took it: no dispatch-loop turn.
+        assert worker_a._get_layer().channels[direct_a].empty()
+        assert worker_b._get_layer().channels[direct_b].empty()
+    finally:
+        for channel in list(offered):
+            chat_layer.unregister(channel)
+        await worker_a.flush()
+        await worker_b.flush()
+
+
+async def test_an_offer_that_declines_leaves_the_message_to_the_queue(redis_url):
+    worker = ChatPubSubChannelLayer(hosts=hosts(redis_url))
+    declined = []
+    try:
+        channel = await worker.new_channel()
+        await worker.group_add("room", channel)
+        chat_layer.register(channel, lambda event: declined.append(event) and False)
+        await worker.group_send("room", {"type": "chat.revoke", "user": 7})
+        assert (await asyncio.wait_for(worker.receive(channel), 5)) == {"type": "chat.revoke", "user": 7}
+        assert declined == [{"type": "chat.revoke", "user": 7}]
+        # Sending to the channel itself (not a group) is never offered.
+        await worker.send(channel, {"type": "x"})
+        assert (await asyncio.wait_for(worker.receive(channel), 5)) == {"type": "x"}
+        assert len(declined) == 1
+    finally:
+        chat_layer.unregister(channel)
+        await worker.flush()
+
+
+@pytest.mark.parametrize("backend, waits", [(ChatPubSubChannelLayer, False), (RedisPubSubChannelLayer, True)])
+async def test_a_publish_does_not_wait_for_the_shard_lock(redis_url, backend, waits):
+    """The shard lock is held while a subscribe waits for a busy Redis (or a
+    loop turn): the library's publish queues behind it (negative control), ours does not."""
+    worker = backend(hosts=hosts(redis_url))
+    try:
+        channel = await worker.new_channel()
+        await worker.group_add("room", channel)
+        shard = worker._get_layer()._shards[0]
+        async with shard._lock:
+            publishing = asyncio.ensure_future(worker.group_send("room", {"type": "x"}))
+            done, _ = await asyncio.wait([publishing], timeout=1.0)
+            assert bool(done) is not waits
+        await asyncio.wait_for(publishing, 5)
+        assert (await asyncio.wait_for(worker.receive(channel), 5)) == {"type": "x"}
+    finally:
+        await worker.flush()
