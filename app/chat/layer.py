@@ -18,8 +18,8 @@ worker's CPU (bench/PERFORMANCE.md). Here:
 * `group_send`/`send` publish without the shard's lock. The library holds
   one asyncio lock per Redis shard around every PUBLISH, so a worker had one
   publish in flight at a time, each waiting for a turn of a busy event loop
-  (a convoy: 10-100 ms per message under load). redis-py's pool gives each
-  concurrent PUBLISH its own connection.
+  (a convoy: 10-100 ms per message under load). Here up to
+  PUBLISH_CONNECTIONS publishes are in flight, each on its own pooled connection.
 
 Everything else (subscriptions, reconnects and their resync hook, Sentinel
 hosts, flush) is the library's. This module is the only place that subclasses
@@ -54,10 +54,22 @@ def registered() -> int:
     return len(_offers)
 
 
+# Concurrent PUBLISHes per worker and shard, each on its own pooled connection.
+# Bounded: redis-py's pool opens a connection per concurrent command and never
+# closes one, and building a connection costs milliseconds of CPU (redis-py
+# reads its package metadata each time); a burst must not open hundreds.
+PUBLISH_CONNECTIONS = 8
+
+
 class _Shard(RedisSingleShardConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._publishing = asyncio.Semaphore(PUBLISH_CONNECTIONS)
+
     async def publish(self, channel, message):
-        self._ensure_redis()
-        await self._redis.publish(channel, message)
+        async with self._publishing:
+            self._ensure_redis()
+            await self._redis.publish(channel, message)
 
     def _receive_message(self, message):
         if message is None:
