@@ -24,4 +24,6 @@ def test_a_limit_too_large_to_matter_never_errors(redis):
     double's precision at epoch milliseconds: the expiry must still be valid."""
     client = redis_py.Redis(host="127.0.0.1", port=redis.port)
     assert [hit(client, "t:huge", 10**9, 60) for _ in range(50)] == [0] * 50
-    assert client.pttl("t:huge") >= 1
+    # The key expires within a millisecond or two: gone (-2) or about to go, never
+    # kept without an expiry (-1). (">= 1" was flaky: a busy machine reads 0.)
+    assert client.pttl("t:huge") in (-2, 0, 1, 2)
