@@ -3,6 +3,10 @@
 Every message has a seq, its number in the room (models.Message): gap-free
 and committed in order, though two workers may *publish* them out of order.
 Each socket keeps a watermark of what it was sent (delivery.Delivered).
+A published message reaches each worker once; the worker's fan-out
+(app/chat/layer.py) offers it to every local socket of the room (`offer`),
+which writes it from a small outbox: no channel queue or dispatch-loop turn
+per socket. Any other event goes through the channel queue as usual.
 
 Reconnects miss nothing: the page connects with `?after=<seq>`, the highest
 seq below which it shows every message (not the newest it shows: 100 may have
@@ -269,7 +273,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # More than a page missed: the older ones are skipped on purpose.
         await self.catch_up(rows)
         resync.register(self)
-        self.outbox = collections.deque()
+        self.outbox = None  # a deque while frames wait (an empty one costs ~600 bytes per socket)
         self.outbox_task = None
         self.outbox_context = contextvars.copy_context()  # this socket's (log lines name its user)
         layer.register(self.channel_name, self.offer)
@@ -283,6 +287,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return False
         if self.revoked or self.closing or not self.delivered.add(event["seq"]):
             return True  # closing, or sent already: nothing to do
+        if self.outbox is None:
+            self.outbox = collections.deque()
         self.outbox.append(event)
         if self.outbox_task is None:
             self.outbox_task = asyncio.get_running_loop().create_task(self.write_outbox(), context=self.outbox_context)
@@ -300,9 +306,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     await self.skip_to(min(early) - 1)
         except Exception as exc:  # the connection went away meanwhile: the close cleans up
             log.debug("outbox of %s stopped (%s: %s)", self.channel_name, type(exc).__name__, exc)
-            self.outbox.clear()
         finally:
-            self.outbox_task = None
+            self.outbox = self.outbox_task = None
 
     async def accept(self, subprotocol=None, headers=None):
         await super().accept(subprotocol, headers)
