@@ -23,31 +23,403 @@ in another generator process measures send -> receive latency directly. The
 generator reads that text, not the frame's data-msg-id/data-seq: its clients
 never reconnect, so they need no cursor (tests/harness/chat_client.Shown).
 Only 127.0.0.1 is ever contacted (the coordinator passes the base URL).
+
+The sockets are `WebSocket` below, a lean client on asyncio.Protocol rather than the websockets
+asyncio client: it shares the machine's 2 cores with the server being measured, and nearly all
+of its work is one small text frame per delivery, parsed straight out of data_received into
+Generator.on_frame. The handshake sends the request the websockets client sent (same headers,
+the same permessage-deflate offer with --compression deflate) and a refusal raises the
+exception class the websockets client raised (InvalidStatus for a 403/429, InvalidMessage,
+TimeoutError, ConnectionRefusedError...): its name is the failure reason, as before.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import resource
 import sys
 import time
+import zlib
 from collections import Counter
+from functools import partial
+from urllib.parse import urlsplit
 
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.datastructures import Headers
+from websockets.exceptions import (
+    InvalidHeader, InvalidHeaderValue, InvalidMessage, InvalidStatus, InvalidUpgrade, NegotiationError,
+)
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+from websockets.frames import OK_CLOSE_CODES, Frame, Opcode
+from websockets.headers import build_extension, build_host, parse_connection, parse_extension, parse_upgrade
+from websockets.http11 import USER_AGENT, Response
+from websockets.utils import accept_key, generate_key
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - the pure-Python fallback
+    from websockets.utils import apply_mask
 
 MARK = '<p class="body">bm '
+MAX_MESSAGE = 1 << 20  # the websockets client's default max_size: a bigger message fails the socket (1009)
+MAX_HEAD = 64 * 1024  # the 101 response's status line and headers
+CLOSE_TIMEOUT = 2.0  # the old client's close_timeout: then the socket is aborted
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+CONNECTING, OPEN, CLOSING = 0, 1, 2
+
+
+class SocketClosed(Exception):
+    """send() on a socket that is closing or closed (the old client's ConnectionClosed)."""
+
+
+def masked_frame(first: int, payload: bytes) -> bytes:
+    """A client-to-server frame: `first` is FIN|RSV|opcode, the payload masked with a fresh key."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n < 65536:
+        head = bytes((first, 0xFE)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, 0xFF)) + n.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + apply_mask(payload, mask)
+
+
+class WebSocket(asyncio.Protocol):
+    """A lean websocket client: the generator's per-received-frame CPU is this class's data_received.
+
+    The HTTP/1.1 Upgrade request is written here, the 101 checked as the websockets client checks
+    it (a refusal raises the same exception class: its name is the failure reason), then every
+    server frame is parsed straight out of data_received and handed to `on_message` (a str for
+    text, bytes for binary; None drops messages) in the same call: no task wake-up, no frame
+    objects, no queue. Pings are answered, a close frame is echoed, messages compressed with a
+    negotiated permessage-deflate are inflated. `on_end(clean, exc)` is called once when the
+    socket stops being open: clean is the old client's ConnectionClosedOK (close frames with
+    1000/1001/no code both ways), exc an exception raised by on_message.
+    """
+
+    def __init__(self, request: bytes, key: str, offer, on_message, on_end=None):
+        self.loop = asyncio.get_running_loop()
+        self.request, self.key, self.offer = request, key, offer
+        self.on_message, self.on_end = on_message, on_end
+        self.transport = None
+        self.state = CONNECTING
+        self.opened = self.loop.create_future()  # the handshake: None or its exception
+        self.ended = self.loop.create_future()  # no longer open (close frame, failure, connection lost)
+        self.lost = self.loop.create_future()  # the TCP connection is gone
+        self.buf = bytearray()
+        self.need = 0  # bytes the buffered partial frame needs before it is parsed again
+        self.frag = None  # payloads of a fragmented message
+        self.frag_first = 0
+        self.frag_size = 0
+        self.deflate = None  # the negotiated PerMessageDeflate (its encoder compresses our sends)
+        self.decoder = None
+        self.close_rcvd = self.close_sent = None  # close codes (1005: none in the frame)
+        self.paused = False
+        self.drain = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc):
+        if not self.opened.done():
+            err = InvalidMessage("did not receive a valid HTTP response")
+            err.__cause__ = EOFError("connection closed while reading HTTP status line")
+            self.opened.set_exception(err)
+        self._end(None)
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self.drain is not None and not self.drain.done():
+            self.drain.set_result(None)
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        if self.drain is not None and not self.drain.done():
+            self.drain.set_result(None)
+
+    def data_received(self, data):
+        if self.state != OPEN:
+            if self.state == CONNECTING:
+                self._handshake(data)
+            return  # closing: what follows a close frame is not read
+        buf = self.buf
+        if buf:
+            buf += data
+            if len(buf) < self.need:
+                return
+            data = bytes(buf)
+            buf.clear()
+        try:
+            self._frames(data)
+        except UnicodeDecodeError:  # a text message that is not UTF-8
+            self._fail(1007)
+        except Exception as exc:  # noqa: BLE001 - on_message failed: counted by on_end, the socket fails
+            self._fail(1011, exc)
+
+    # --- server frames -------------------------------------------------------------------
+    def _frames(self, data):
+        on_message = self.on_message
+        n = len(data)
+        pos = 0
+        while pos < n:
+            if n - pos < 2:
+                need = 2
+                break
+            b0 = data[pos]
+            ln = data[pos + 1]
+            if ln < 126:
+                start = pos + 2
+            elif ln == 126:
+                if n - pos < 4:
+                    need = 4
+                    break
+                ln = (data[pos + 2] << 8) | data[pos + 3]
+                start = pos + 4
+            elif ln == 127:
+                if n - pos < 10:
+                    need = 10
+                    break
+                ln = int.from_bytes(data[pos + 2:pos + 10], "big")
+                start = pos + 10
+            else:  # the mask bit: a server never masks (RFC 6455 5.1)
+                return self._fail(1002)
+            if ln > MAX_MESSAGE:
+                return self._fail(1009)
+            end = start + ln
+            if end > n:
+                need = end - pos
+                break
+            if b0 == 0x81 and self.frag is None:  # FIN, text, no RSV bit: nearly every frame
+                if on_message is not None:
+                    on_message(data[start:end].decode())
+            elif not self._other(b0, data[start:end]):
+                return
+            pos = end
+        else:
+            return
+        self.buf += data[pos:]
+        self.need = need
+
+    def _other(self, b0, payload) -> bool:
+        """Every frame but an unfragmented uncompressed text one; False once the socket is not open."""
+        op = b0 & 0x0F
+        rsv = b0 & 0x70
+        if rsv and (rsv != 0x40 or self.deflate is None or op not in (1, 2)):
+            return self._fail(1002)  # RSV1 only opens a message of a negotiated permessage-deflate
+        if op >= 8:
+            if not b0 & 0x80 or len(payload) > 125:
+                return self._fail(1002)  # control frames are never fragmented, at most 125 bytes
+            if op == 9:  # ping -> pong with the same data
+                self.transport.write(masked_frame(0x8A, payload))
+                return True
+            if op == 10:
+                return True
+            if op == 8:
+                self._close_received(payload)
+                return False
+            return self._fail(1002)
+        if op == 0:
+            if self.frag is None:
+                return self._fail(1002)  # a continuation with no message started
+            self.frag.append(payload)
+            self.frag_size += len(payload)
+            if self.frag_size > MAX_MESSAGE:
+                return self._fail(1009)
+            if not b0 & 0x80:
+                return True
+            first, payload = self.frag_first, b"".join(self.frag)
+            self.frag = None
+        elif op in (1, 2):
+            if self.frag is not None:
+                return self._fail(1002)  # a new message inside a fragmented one
+            if not b0 & 0x80:
+                self.frag, self.frag_first, self.frag_size = [payload], b0, len(payload)
+                return True
+            first = b0
+        else:
+            return self._fail(1002)  # reserved opcode
+        if first & 0x40:
+            if self.decoder is None:
+                self.decoder = zlib.decompressobj(wbits=-self.deflate.remote_max_window_bits)
+            payload = self.decoder.decompress(payload + b"\x00\x00\xff\xff", MAX_MESSAGE)
+            if self.decoder.unconsumed_tail:
+                return self._fail(1009)
+            if self.deflate.remote_no_context_takeover:
+                self.decoder = None
+        if self.on_message is not None:
+            self.on_message(payload.decode() if first & 0x0F == 1 else bytes(payload))
+        return True
+
+    def _close_received(self, payload):
+        if len(payload) == 1:
+            self._fail(1002)
+            return
+        self.close_rcvd = int.from_bytes(payload[:2], "big") if payload else 1005
+        if self.close_sent is None:  # the server's close: echoed, then the server closes TCP
+            self.close_sent = self.close_rcvd
+            self.transport.write(masked_frame(0x88, payload[:2]))
+        self._end(None)
+        self.loop.call_later(CLOSE_TIMEOUT, self._abort)
+
+    def _abort(self):
+        if not self.lost.done():
+            self.transport.abort()
+
+    def _fail(self, code, exc=None) -> bool:
+        """A protocol error (1002), invalid UTF-8 (1007), too big (1009), on_message raised (1011)."""
+        if self.close_sent is None and self.state != CONNECTING:
+            self.close_sent = code
+            self.transport.write(masked_frame(0x88, code.to_bytes(2, "big")))
+        self._end(exc)
+        self.transport.close()
+        return False
+
+    def _end(self, exc):
+        was_open = self.state == OPEN
+        self.state = CLOSING
+        if not was_open:  # already ended, or never opened (the handshake's failure is the caller's)
+            return
+        self.buf.clear()
+        self.frag = None
+        if not self.ended.done():
+            self.ended.set_result(None)
+        if self.on_end is not None:
+            self.on_end(self.clean, exc)
+
+    @property
+    def clean(self) -> bool:
+        return self.close_rcvd in OK_CLOSE_CODES and self.close_sent in OK_CLOSE_CODES
+
+    # --- opening handshake ---------------------------------------------------------------
+    def _handshake(self, data):
+        buf = self.buf
+        buf += data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                self._refused(InvalidMessage("did not receive a valid HTTP response"))
+            return
+        head, rest = bytes(buf[:end]), bytes(buf[end + 4:])
+        buf.clear()
+        try:
+            self._check_response(head)
+        except Exception as exc:  # noqa: BLE001 - the failure reason is its class name, as before
+            self._refused(exc)
+            return
+        self.state = OPEN
+        self.opened.set_result(None)
+        if rest:
+            self.data_received(rest)  # frames sent right behind the 101 (the replay)
+
+    def _refused(self, exc):
+        self.opened.set_exception(exc)
+        self.state = CLOSING
+        self.buf.clear()
+        self.transport.close()
+
+    def _check_response(self, head: bytes):
+        """What websockets.client.ClientProtocol.process_response checks, raising the same classes."""
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or parts[0] != "HTTP/1.1" or not parts[1].isdigit() or len(lines) > 129:
+            raise InvalidMessage("did not receive a valid HTTP response")
+        headers = Headers()
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name:
+                raise InvalidMessage("did not receive a valid HTTP response")
+            headers[name] = value.strip(" \t")
+        status = int(parts[1])
+        if status != 101:
+            raise InvalidStatus(Response(status, parts[2] if len(parts) > 2 else "", headers))
+        connection = sum([parse_connection(v) for v in headers.get_all("Connection")], [])
+        if not any(v.lower() == "upgrade" for v in connection):
+            raise InvalidUpgrade("Connection", ", ".join(connection) if connection else None)
+        upgrade = sum([parse_upgrade(v) for v in headers.get_all("Upgrade")], [])
+        if not (len(upgrade) == 1 and upgrade[0].lower() == "websocket"):
+            raise InvalidUpgrade("Upgrade", ", ".join(upgrade) if upgrade else None)
+        accept = headers.get_all("Sec-WebSocket-Accept")
+        if len(accept) != 1:
+            raise InvalidHeader("Sec-WebSocket-Accept", "multiple values" if accept else None)
+        if accept[0] != accept_key(self.key):
+            raise InvalidHeaderValue("Sec-WebSocket-Accept", accept[0])
+        accepted = []
+        for value in headers.get_all("Sec-WebSocket-Extensions"):
+            for name, params in parse_extension(value):
+                if self.offer is None or name != self.offer.name:
+                    raise NegotiationError(f"Unsupported extension: name = {name}, params = {params}")
+                accepted.append(self.offer.process_response_params(params, accepted))
+        if accepted:
+            self.deflate = accepted[0]
+        if headers.get_all("Sec-WebSocket-Protocol"):
+            raise NegotiationError("no subprotocols supported")
+
+    # --- sending and closing -------------------------------------------------------------
+    async def send(self, text: str):
+        if self.state != OPEN:
+            raise SocketClosed()
+        if self.deflate is not None:  # compressed as the old client compressed (per-message deflate)
+            frame = Frame(Opcode.TEXT, text.encode()).serialize(mask=True, extensions=[self.deflate])
+        else:
+            frame = masked_frame(0x81, text.encode())
+        self.transport.write(frame)
+        if self.paused:  # the server reads slower than we write: wait, as the old client's send did
+            self.drain = self.loop.create_future()
+            await self.drain
+
+    async def close(self):
+        """Close frame 1000, then wait (CLOSE_TIMEOUT) for the server to close TCP; abort otherwise."""
+        if self.transport is None or self.lost.done():
+            return
+        if self.close_sent is None and self.state == OPEN:
+            self.close_sent = 1000
+            self.transport.write(masked_frame(0x88, b"\x03\xe8"))
+            self._end(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.lost), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self.transport.abort()
+
+
+async def open_socket(base: str, room, origin: str, session: str, compression, on_message, on_end=None) -> WebSocket:
+    """Connect and handshake as the old `websockets.connect(...)` call did (same request headers)."""
+    url = urlsplit(f"{base}/ws/rooms/{room}/")
+    if url.scheme != "ws" or url.hostname not in LOOPBACK:
+        raise ValueError(f"the generator only contacts ws://127.0.0.1, not {base!r}")
+    port = url.port or 80
+    key = generate_key()
+    offer = ClientPerMessageDeflateFactory(compress_settings={"memLevel": 5}) if compression == "deflate" else None
+    lines = [f"GET {url.path or '/'}{'?' + url.query if url.query else ''} HTTP/1.1",
+             f"Host: {build_host(url.hostname, port, False)}", f"Origin: {origin}",
+             "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    if offer is not None:
+        lines.append(f"Sec-WebSocket-Extensions: {build_extension([(offer.name, offer.get_request_params())])}")
+    lines += [f"Cookie: sessionid={session}", "X-Forwarded-Proto: https", f"User-Agent: {USER_AGENT}"]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    loop = asyncio.get_running_loop()
+    transport, ws = await loop.create_connection(lambda: WebSocket(request, key, offer, on_message, on_end),
+                                                 url.hostname, port)
+    try:
+        await ws.opened
+    except BaseException:  # refused, or cancelled by the caller's timeout: never left open
+        transport.abort()
+        raise
+    return ws
 
 
 class Client:
-    __slots__ = ("cid", "room", "session", "ws", "seen", "task")
+    __slots__ = ("cid", "room", "session", "ws", "seen")
 
     def __init__(self, cid, room, session):
         self.cid, self.room, self.session = cid, room, session
-        self.ws = None
+        self.ws: WebSocket | None = None
         self.seen = {}  # step -> set of (sender, seq): duplicates are per receiver
-        self.task = None
 
 
 class Generator:
@@ -111,13 +483,9 @@ class Generator:
             if k < self.lat_cap:
                 lat[k] = (now - sent_ns) // 1000
 
-    async def reader(self, client: Client):
-        try:
-            async for frame in client.ws:
-                self.on_frame(client, frame)
-        except ConnectionClosed:
-            pass
-        except Exception:  # noqa: BLE001 - counted, never fatal to the generator
+    def on_end(self, _clean, exc):
+        """A pooled socket stopped reading (closed by either side or failed)."""
+        if exc is not None:  # on_frame raised: counted, never fatal to the generator
             self.errors["reader_exception"] += 1
         self.closed_by_server += 1
 
@@ -136,19 +504,14 @@ class Generator:
                     failed["deadline"] += 1
                     return
                 client = Client(cid, room, session)
-                try:
-                    client.ws = await asyncio.wait_for(connect(
-                        f"{base}/ws/rooms/{room}/", origin=origin,
-                        additional_headers={"Cookie": f"sessionid={session}", "X-Forwarded-Proto": "https"},
-                        ping_interval=None,  # the server pings (20 s); pongs are automatic
-                        compression=self.compression, open_timeout=min(30, left), close_timeout=2,
-                        max_queue=None,
-                    ), min(30, left) + 1)
-                except Exception as exc:  # noqa: BLE001
+                try:  # frames are handed to on_frame from the socket's data_received from the start
+                    client.ws = await asyncio.wait_for(open_socket(
+                        base, room, origin, session, self.compression,
+                        partial(self.on_frame, client), self.on_end), min(30, left))
+                except Exception as exc:  # noqa: BLE001 - the failure reason is the exception's class name
                     failed[type(exc).__name__] += 1
                     return
                 self.clients[cid] = client
-                client.task = asyncio.create_task(self.reader(client))
                 connected.append(cid)
 
         await asyncio.gather(*(one(*c) for c in clients))
@@ -178,7 +541,7 @@ class Generator:
                 text = f"bm {step} {client.cid} {seq} {time.monotonic_ns()}"
                 try:
                     await client.ws.send('{"message": "%s"}' % text)
-                except ConnectionClosed:
+                except SocketClosed:
                     send_failed["closed"] += 1
                     break
                 seq += 1
@@ -203,7 +566,7 @@ class Generator:
             "lat_us": st["lat"], "window_s": window, "window_deliveries": window_deliveries,
             "errors": dict(Counter(self.errors) - errors0), "send_failed": dict(send_failed),
             "cpu_s": (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
-            "open": sum(1 for c in self.clients.values() if c.task and not c.task.done()),
+            "open": sum(1 for c in self.clients.values() if c.ws.state == OPEN),
         }
 
     async def cmd_churn(self, base, origin, clients, rate, duration, hold=1.0, concurrency=256, timeout=30.0):
@@ -211,7 +574,9 @@ class Generator:
 
         Sessions are taken round robin from `clients` (more sessions than sockets open at once,
         so no user exceeds the per-user socket limit). A socket counts as completed once it
-        opened, stayed `hold` s and was closed by us; refused handshakes count by exception type.
+        opened, stayed `hold` s and was closed by us; refused handshakes count by exception type; a
+        socket the server closed first counts as closed_by_server when both close codes were
+        1000/1001 (the old client's ConnectionClosedOK), else as failed close_ConnectionClosedError.
         """
         started = time.monotonic()
         end = started + duration
@@ -221,12 +586,8 @@ class Generator:
         tasks = set()
 
         async def one(cid, room, session):
-            try:
-                ws = await asyncio.wait_for(connect(
-                    f"{base}/ws/rooms/{room}/", origin=origin,
-                    additional_headers={"Cookie": f"sessionid={session}", "X-Forwarded-Proto": "https"},
-                    ping_interval=None, compression=self.compression, open_timeout=timeout, close_timeout=2,
-                    max_queue=None), timeout + 1)
+            try:  # the replay and any traffic: parsed (pings answered), never kept
+                ws = await asyncio.wait_for(open_socket(base, room, origin, session, self.compression, None), timeout)
             except Exception as exc:  # noqa: BLE001 - counted
                 failed[type(exc).__name__] += 1
                 gate.release()
@@ -234,14 +595,15 @@ class Generator:
             try:
                 closed_early = False
                 try:
-                    async with asyncio.timeout(hold):
-                        async for _frame in ws:  # the replay and any traffic: read, never kept
-                            pass
+                    await asyncio.wait_for(asyncio.shield(ws.ended), hold)
                     closed_early = True  # the server closed it before `hold` ran out
                 except TimeoutError:
                     pass
                 await asyncio.wait_for(ws.close(), 5)
-                counts["closed_by_server" if closed_early else "completed"] += 1
+                if closed_early and not ws.clean:
+                    failed["close_ConnectionClosedError"] += 1
+                else:
+                    counts["closed_by_server" if closed_early else "completed"] += 1
             except Exception as exc:  # noqa: BLE001 - counted
                 failed[f"close_{type(exc).__name__}"] += 1
             finally:
