@@ -118,6 +118,11 @@ def write_readme(results: dict, run_dir: Path):
         rel = run_dir.as_posix()
     memory = f"{rel}/memory.png" if (run_dir / "memory.png").exists() else None
     (HERE / "PERFORMANCE.md").write_text(report.readme_section(results, f"{rel}/results.json", f"{rel}/plot.png", memory))
+    # The README's performance section: the same before/after table and the plots, paths from the repository root.
+    root = f"bench/{rel}" if not Path(rel).is_absolute() else rel
+    readme = HERE.parent / "README.md"
+    block = report.readme_block(results, f"{root}/results.json", f"{root}/plot.png", f"{root}/memory.png" if memory else None)
+    readme.write_text(report.replace_readme_block(readme.read_text(), block))
 
 
 def main(argv=None):

@@ -113,3 +113,25 @@ def test_slope_is_least_squares_in_kib_per_minute():
     assert slope_kib_per_min([(t, 5_000_000 + 512 * t) for t in range(0, 60, 5)]) == 30.0
     assert slope_kib_per_min([(0, 1), (1, 2)]) is None
     assert slope_kib_per_min([(t, 7) for t in range(10)]) == 0.0
+
+
+def test_the_readme_performance_block_is_the_reference_run():
+    """README.md's performance section is generated from bench/results/reference/results.json
+    (bench/report.py readme_block): regenerating it changes nothing, and the block is required."""
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from bench import report
+
+    root = Path(__file__).resolve().parents[2]
+    results = json.loads((root / "bench/results/reference/results.json").read_text())
+    ref = "bench/results/reference"
+    memory = f"{ref}/memory.png" if (root / ref / "memory.png").exists() else None
+    block = report.readme_block(results, f"{ref}/results.json", f"{ref}/plot.png", memory)
+    readme = (root / "README.md").read_text()
+    assert report.replace_readme_block(readme, block) == readme, "README.md's bench block is stale: run python -m bench --readme-from bench/results/reference/results.json"
+    assert results["machine"]["git"] in block and "| knee" in block and "plot.png" in block
+    with pytest.raises(ValueError, match="bench:begin"):
+        report.replace_readme_block("# no block here\n", block)
