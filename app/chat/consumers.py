@@ -44,6 +44,7 @@ from django.conf import settings
 from django.contrib.auth import HASH_SESSION_KEY
 
 from app.chat import layer, logfilters, resync, revocation, slots, throttle
+from app.chat.db_hops import NoIdleDatabaseHops
 from app.chat.guard import OUTAGE_ERRORS
 from app.chat.delivery import Delivered
 from app.chat.fan_out import fan_out
@@ -155,7 +156,8 @@ def messages_after(room_id, after, limit):
     return [(m.seq, m.id, article_html_from(m)) for m in reversed(rows)]
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+# NoIdleDatabaseHops (app/chat/db_hops.py): no database-thread hop of Channels' own when a socket opens or closes.
+class ChatConsumer(NoIdleDatabaseHops, AsyncWebsocketConsumer):
     # Set by the first close(). The revocation listener and the resync call
     # into a consumer from their own tasks, so a frame (an error frame, a
     # resync copy) can come after a close another task sent; Uvicorn raises

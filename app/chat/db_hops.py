@@ -1,0 +1,57 @@
+"""No idle trips to the database thread when a socket opens or closes.
+
+Each worker runs the ORM on one thread (thread-sensitive sync_to_async), so
+every hop to it waits behind all the others, and while the event loop is busy
+a hop waits for the GIL too (up to the 5 ms switch interval). Channels (>= 4.2)
+adds a hop of its own around the handlers, `aclose_old_connections()`: before
+every handler in `AsyncConsumer.dispatch`, and once more at the end of
+`AsyncWebsocketConsumer.websocket_disconnect`. A socket that connects and
+closes made three of them, next to the three that do work (the session and
+user, the room, the replay): half of the database thread's queue.
+
+Under a churn of reconnects that queue set the pace: at 100 reconnects/s (two
+workers, issue #13's churn soak) the workers completed about 70/s, the
+sockets waiting for the thread piled up (hundreds per worker, most of them in
+`aclose_old_connections`), and the workers' RSS grew with that pile: to the
+high-water mark of sockets in flight, raised again by every burst of noise on
+the machine (+10 MiB/min and more over 2-minute soaks). Nothing per socket
+outlived the socket.
+
+The hops are redundant for the chat consumer: it reaches the database only
+through `database_sync_to_async` (channels.db.DatabaseSyncToAsync), which
+runs `close_old_connections()` itself on the database thread before and after
+each call, as does Channels' AuthMiddleware for the session and the user. So
+this mixin dispatches `websocket.connect` and `websocket.disconnect` without
+them; app/chat/consumers.py already skips them for its per-frame handlers
+(`chat.message`, `websocket.receive`).
+
+tests/unit/test_db_hops.py counts the hops of a connect and a close.
+"""
+from __future__ import annotations
+
+from channels.exceptions import InvalidChannelLayerError, StopConsumer
+
+
+class NoIdleDatabaseHops:
+    """Mixin for an AsyncWebsocketConsumer whose database work all goes
+    through database_sync_to_async: listed before the consumer base class."""
+
+    async def dispatch(self, message):
+        kind = message["type"]
+        if kind == "websocket.connect":
+            await self.websocket_connect(message)
+        elif kind == "websocket.disconnect":
+            await self.websocket_disconnect(message)
+        else:
+            await super().dispatch(message)
+
+    async def websocket_disconnect(self, message):
+        """Channels' AsyncWebsocketConsumer.websocket_disconnect without its
+        trailing `aclose_old_connections()`."""
+        try:
+            for group in self.groups:
+                await self.channel_layer.group_discard(group, self.channel_name)
+        except AttributeError:
+            raise InvalidChannelLayerError("BACKEND is unconfigured or doesn't support groups") from None
+        await self.disconnect(message["code"])
+        raise StopConsumer()
