@@ -18,8 +18,8 @@ worker's CPU (bench/PERFORMANCE.md). Here:
 * `group_send`/`send` publish without the shard's lock. The library holds
   one asyncio lock per Redis shard around every PUBLISH, so a worker had one
   publish in flight at a time, each waiting for a turn of a busy event loop
-  (a convoy: 10-100 ms per message under load). Here up to
-  PUBLISH_CONNECTIONS publishes are in flight, each on its own pooled connection.
+  (a convoy: 10-100 ms per message under load). Here the publishes that
+  come while one pipeline is in flight go together in the next one.
 
 Everything else (subscriptions, reconnects and their resync hook, Sentinel
 hosts, flush) is the library's. This module is the only place that subclasses
@@ -29,6 +29,7 @@ its internals; tests/integration/test_channel_layer.py pins what it relies on
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Callable
 
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
@@ -54,22 +55,53 @@ def registered() -> int:
     return len(_offers)
 
 
-# Concurrent PUBLISHes per worker and shard, each on its own pooled connection.
-# Bounded: redis-py's pool opens a connection per concurrent command and never
-# closes one, and building a connection costs milliseconds of CPU (redis-py
-# reads its package metadata each time); a burst must not open hundreds.
-PUBLISH_CONNECTIONS = 8
+# PUBLISHes a worker sends in one pipeline (one write, one round trip). While
+# a pipeline is in flight the next publishes wait and go together in the next:
+# the batch follows the load, a lone publish goes at once. One connection per
+# shard: redis-py's pool opens a connection per concurrent command and keeps
+# it, and building one costs milliseconds of CPU (it reads package metadata).
+MAX_PIPELINE = 500
 
 
 class _Shard(RedisSingleShardConnection):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._publishing = asyncio.Semaphore(PUBLISH_CONNECTIONS)
+        self._outgoing: list = []
+        self._flusher: asyncio.Task | None = None
 
     async def publish(self, channel, message):
-        async with self._publishing:
-            self._ensure_redis()
-            await self._redis.publish(channel, message)
+        done = asyncio.get_running_loop().create_future()
+        self._outgoing.append((channel, message, done))
+        if self._flusher is None or self._flusher.done():
+            # No context of the caller's: a consumer's context holds its thread-sensitive executor.
+            self._flusher = asyncio.get_running_loop().create_task(self._flush(), context=contextvars.Context())
+        await done
+
+    async def _flush(self):
+        while self._outgoing:
+            batch, self._outgoing = self._outgoing[:MAX_PIPELINE], self._outgoing[MAX_PIPELINE:]
+            try:
+                self._ensure_redis()
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for channel, message, _ in batch:
+                        pipe.publish(channel, message)
+                    results = await pipe.execute(raise_on_error=False)
+            except BaseException as exc:  # the connection failed: every publish of the batch did
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                if not isinstance(exc, Exception):  # cancelled: nobody waits forever
+                    for _, _, done in self._outgoing:
+                        done.cancel()
+                    self._outgoing = []
+                    raise
+            else:
+                for (_, _, done), result in zip(batch, results):
+                    if not done.done():
+                        if isinstance(result, Exception):
+                            done.set_exception(result)
+                        else:
+                            done.set_result(result)
 
     def _receive_message(self, message):
         if message is None:
