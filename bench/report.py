@@ -175,6 +175,38 @@ GOAL_DELIVERIES = 10_000
 
 # Measured while the optimisations were made (bench/results/dev/): the same
 # generator and workload, HEAD vs the patched app, on the shared 2-core machine.
+ISSUE13_CHANGES = """\
+### What issue #13 changed, and why
+
+The sweep is CPU-bound on this machine: at the knee the workers were runnable but waiting for a CPU
+much of the time (`/proc/<pid>/task/*/schedstat`, midway through these changes at 10,000 offered/s:
+per second, each worker ran 0.59 s and waited 0.44 s for a CPU), so every change below removes CPU per delivered
+frame or a queue in front of the event loop. Found with a temporary `cProfile.Profile(time.thread_time)`
+hook in the worker (CPU, not wall time) and per-stage timings in the consumer (throttle, store,
+publish, fan-out), neither shipped.
+
+1. **One fan-out per worker** (app/chat/layer.py). channels_redis put each room message in the
+   queue of every member socket: per delivered frame a msgpack decode, a queue wake-up and a turn of
+   Channels' dispatch loop (an `asyncio.wait` and a new task). Now the worker decodes it once and hands
+   it to each local socket's `offer`, which writes it from a small outbox.
+2. **No publish convoy.** channels_redis holds one lock per shard around every PUBLISH, so a worker
+   had one in flight at a time, each waiting for a turn of a busy loop. Publishes that arrive while
+   one is in flight now go together in one pipeline (one write, one round trip, one connection).
+3. **GC** (app/uvicorn_worker.py): the loaded app is frozen and young collections run at 20,000
+   allocations instead of 700; full collections had held the loop ~113 ms (bench/README.md "GC").
+4. **No per-frame session wrapper** (app/chat/session_scope.py) and **no idle database-thread hops**
+   at connect/disconnect (app/chat/db_hops.py; the churn soak's sockets queued for that thread).
+5. **The generator** (bench/loadgen.py) is a lean client on `asyncio.Protocol` (about half the CPU per
+   received frame of the websockets client it replaced): it shares the 2 CPUs with the server, so
+   its cost was the server's loss. Both columns above use it.
+
+Still in the way, not changed: every delivered frame is one `transport.write` (a syscall) through
+Uvicorn's and websockets' Python framing, and every message costs a Redis round trip for the
+per-user budget, a database thread hop for the batch INSERT and a PUBLISH, each waiting for a turn
+of the event loop; under load those turns, not Redis or PostgreSQL, set the latency.
+"""
+
+
 DEV_NOTES = """\
 ## What stood in the way, and what was changed
 
@@ -366,7 +398,7 @@ def readme_section(results: dict, results_rel: str = "results/reference/results.
     if other and sum(other) / len(other) > 0.25:
         lines.append(f"**Caveat:** other processes used {sum(other) / len(other):.2f} of the {m['cpus']} CPUs on average during "
                      "this run (column `other_cores` in the results): its numbers are pessimistic; re-run it on a quiet machine.")
-    lines += ["", issue13_section(results)]
+    lines += ["", issue13_section(results), ISSUE13_CHANGES]
     if memory_rel:
         lines += [f"![memory: busy sockets and churn soak]({memory_rel})", ""]
     lines += [

@@ -124,3 +124,26 @@ async def test_a_burst_of_publishes_opens_a_bounded_number_of_connections(redis_
     finally:
         admin.close()
         await worker.flush()
+
+
+async def test_an_offer_that_raises_costs_nobody_else_the_message(redis_url, caplog):
+    """Positive control beside it: the healthy socket's offer takes the message;
+    the broken one's message falls back to its queue, and the receive loop goes on."""
+    worker = ChatPubSubChannelLayer(hosts=hosts(redis_url))
+    taken = []
+    try:
+        broken, healthy = await worker.new_channel(), await worker.new_channel()
+        for channel in (broken, healthy):
+            await worker.group_add("room", channel)
+        chat_layer.register(broken, lambda event: 1 / 0)
+        chat_layer.register(healthy, lambda event: taken.append(event) or True)
+        await worker.group_send("room", {"type": "chat.message", "seq": 1})
+        assert (await asyncio.wait_for(worker.receive(broken), 5)) == {"type": "chat.message", "seq": 1}
+        await settle(lambda: taken)
+        await worker.group_send("room", {"type": "chat.message", "seq": 2})
+        await settle(lambda: len(taken) == 2, timeout=0.8)  # no 1 s pause of the receive loop
+        assert "offer of" in caplog.text
+    finally:
+        chat_layer.unregister(broken)
+        chat_layer.unregister(healthy)
+        await worker.flush()
