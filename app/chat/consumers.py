@@ -156,8 +156,15 @@ def messages_after(room_id, after, limit):
     return [(m.seq, m.id, article_html_from(m)) for m in reversed(rows)]
 
 
-# NoIdleDatabaseHops (app/chat/db_hops.py): no database-thread hop of Channels' own when a socket opens or closes.
+# NoIdleDatabaseHops (app/chat/db_hops.py): no database-thread hop of Channels' own per handler.
 class ChatConsumer(NoIdleDatabaseHops, AsyncWebsocketConsumer):
+    # Channels (>= 4.2) runs close_old_connections() on the worker's one
+    # database thread before *every* handler: a thread hop per received frame
+    # and per delivered message, queued with the INSERTs. These handlers reach
+    # the database only through database_sync_to_async, which closes stale
+    # connections itself (app/chat/db_hops.py).
+    direct_types = NoIdleDatabaseHops.direct_types + ("chat.message",)
+
     # Set by the first close(). The revocation listener and the resync call
     # into a consumer from their own tasks, so a frame (an error frame, a
     # resync copy) can come after a close another task sent; Uvicorn raises
@@ -174,18 +181,6 @@ class ChatConsumer(NoIdleDatabaseHops, AsyncWebsocketConsumer):
             return
         self.closing = True
         await super().close(code, reason)
-
-    async def dispatch(self, message):
-        # Channels (>= 4.2) runs close_old_connections() on the worker's one
-        # database thread before *every* handler: a thread hop per delivered
-        # frame (20 per message in a room of 20), queued with the INSERTs.
-        # These handlers reach the database only through database_sync_to_async,
-        # which closes stale connections itself, so the hot ones skip it.
-        if message["type"] in ("chat.message", "websocket.receive"):
-            handler = getattr(self, message["type"].replace(".", "_"))
-            await handler(message)
-        else:
-            await super().dispatch(message)
 
     async def connect(self):
         self.revoked = None

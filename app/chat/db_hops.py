@@ -21,11 +21,11 @@ The hops are redundant for the chat consumer: it reaches the database only
 through `database_sync_to_async` (channels.db.DatabaseSyncToAsync), which
 runs `close_old_connections()` itself on the database thread before and after
 each call, as does Channels' AuthMiddleware for the session and the user. So
-this mixin dispatches `websocket.connect` and `websocket.disconnect` without
-them; app/chat/consumers.py already skips them for its per-frame handlers
-(`chat.message`, `websocket.receive`).
+this mixin dispatches `websocket.connect`, `websocket.disconnect` and
+`websocket.receive` without them, and any event type a consumer adds to
+`direct_types` (app/chat/consumers.py: `chat.message`).
 
-tests/unit/test_db_hops.py counts the hops of a connect and a close.
+tests/unit/test_db_hops.py counts the hops of a connect, a close and a message.
 """
 from __future__ import annotations
 
@@ -36,12 +36,14 @@ class NoIdleDatabaseHops:
     """Mixin for an AsyncWebsocketConsumer whose database work all goes
     through database_sync_to_async: listed before the consumer base class."""
 
+    # Message types handled without Channels' hop; a consumer adds its own
+    # event types whose handlers reach the database only through database_sync_to_async.
+    direct_types = ("websocket.connect", "websocket.disconnect", "websocket.receive")
+
     async def dispatch(self, message):
         kind = message["type"]
-        if kind == "websocket.connect":
-            await self.websocket_connect(message)
-        elif kind == "websocket.disconnect":
-            await self.websocket_disconnect(message)
+        if kind in self.direct_types:
+            await getattr(self, kind.replace(".", "_"))(message)
         else:
             await super().dispatch(message)
 

@@ -54,10 +54,6 @@ def unregister(channel_name: str | None) -> None:
     _offers.pop(channel_name, None)
 
 
-def registered() -> int:
-    return len(_offers)
-
-
 # PUBLISHes a worker sends in one pipeline (one write, one round trip). While
 # a pipeline is in flight the next publishes wait and go together in the next:
 # the batch follows the load, a lone publish goes at once. One connection per

@@ -96,3 +96,22 @@ async def test_many_opens_and_closes_leave_nothing_registered(hops):
     assert slots.held_here() == 0
     assert (len(layer.groups), len(layer.channels)) == (groups_before, channels_before)
     assert idle(hops) == 0
+
+
+async def test_a_received_frame_and_a_delivered_message_make_no_idle_hop(hops):
+    """The per-frame handlers (websocket.receive, and chat.message through the
+    channel queue, as the in-memory layer delivers it) skip Channels' hop too:
+    a message costs its INSERT and nothing else on the database thread."""
+    import json
+
+    alice, room = await make_user_and_room("alice")
+    sender, reader = communicator(room.pk, alice, query="after=0"), communicator(room.pk, alice, query="after=0")
+    assert (await sender.connect())[0] and (await reader.connect())[0]
+    hops.clear()
+    await sender.send_to(text_data=json.dumps({"message": "hello"}))
+    assert "hello" in await reader.receive_from()
+    assert "hello" in await sender.receive_from()
+    assert idle(hops) == 0, hops
+    assert hops == ["_insert"], hops
+    await sender.disconnect()
+    await reader.disconnect()
