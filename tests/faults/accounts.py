@@ -46,9 +46,19 @@ class Account:
         return f"sessionid={self.sessions[n]}"
 
 
+def shell(env: dict, code: str, what: str):
+    """`manage.py shell -c code` in the database of `env`; a failure says why
+    (its exit status, stdout and stderr), not just "exit status 1"."""
+    result = manage(env, "shell", "-c", code, check=False, timeout=120)
+    if result.returncode != 0:
+        raise AssertionError(f"the operator's manage.py shell ({what}) exited {result.returncode}\n"
+                             f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}")
+    return result
+
+
 def seed(env: dict, n: int, sessions: int = 1) -> list[Account]:
     """`n` new users with `sessions` database sessions each, in the database of `env`."""
-    result = manage(env, "shell", "-c", SEED.format(n=n, sessions=sessions, tag=secrets.token_hex(3)), timeout=120)
+    result = shell(env, SEED.format(n=n, sessions=sessions, tag=secrets.token_hex(3)), f"seed {n} users")
     line = next(line for line in result.stdout.splitlines() if line.startswith("SEEDED "))
     return [Account(**row) for row in json.loads(line[len("SEEDED "):])]
 
@@ -76,7 +86,8 @@ def change(env: dict, user_id: int, what: str) -> tuple[float, float]:
     shell would (its signals fire there and publish through the channel layer
     of `env`); returns the wall-clock times just before the change and after
     it committed."""
-    result = manage(env, "shell", "-c", CHANGE.format(user_id=user_id, prepare=CHANGES[what][0], commit=CHANGES[what][1]), timeout=120)
+    result = shell(env, CHANGE.format(user_id=user_id, prepare=CHANGES[what][0], commit=CHANGES[what][1]),
+                   f"{what} user {user_id}")
     stamps = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()
               if line.startswith(("BEFORE ", "CHANGED "))}
     return stamps["BEFORE"], stamps["CHANGED"]
