@@ -52,6 +52,9 @@ class ChatUvicornWorker(UvicornWorker):
         # CPU per delivered frame); chat frames are a few hundred bytes.
         # README "Performance" has the numbers.
         "ws_per_message_deflate": False,
+        # Uvicorn's websockets-sansio protocol ("auto" picks it), keeping less
+        # per open socket (app/ws_protocol.py).
+        "ws": "app.ws_protocol:ChatWebSocketProtocol",
     }
 
     def __init__(self, *args, **kwargs):
