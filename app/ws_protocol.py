@@ -10,7 +10,8 @@ what each open socket keeps, measured with tracemalloc in a worker holding
 * the handshake's parsed request and the prepared response (websockets'
   Request and Response, their Headers) are dropped once the handshake is
   done (~4 KiB): Uvicorn reads them only to answer the handshake. The ASGI
-  scope keeps its own copy of the request headers.
+  scope keeps its own copy of the request headers. websockets' parser keeps
+  the Request itself (a local of its generator), so its Headers are emptied.
 """
 from __future__ import annotations
 
@@ -30,4 +31,8 @@ class ChatWebSocketProtocol(WebSocketsSansIOProtocol):
     async def send(self, message):
         await super().send(message)
         if self.response is not None and self.handshake_complete:
-            self.request = self.response = None  # the handshake is answered: not read again
+            # The handshake is answered: neither is read again. websockets' parser
+            # (a generator) keeps the Request in its frame for the socket's life,
+            # so its headers are emptied too.
+            self.request.headers.clear()
+            self.request = self.response = None
