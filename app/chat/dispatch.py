@@ -50,6 +50,8 @@ class LeanDispatch:
                 message = await receive()
                 async with state.lock:
                     await self.dispatch(message)
+                if state.failure is not None:  # the reader failed while this handler ran
+                    raise state.failure
         except asyncio.CancelledError:
             if state.failure is None:
                 raise  # cancelled from outside (the server shutting down)
@@ -75,7 +77,9 @@ class LeanDispatch:
             raise
         except BaseException as exc:  # noqa: B036 - StopConsumer and bugs alike end the consumer, as in Channels
             state.failure = exc
-            state.consumer.cancel()  # wakes the consumer's task out of `receive`, which raises `exc`
+            if not state.lock.locked():
+                state.consumer.cancel()  # wakes the consumer's task out of `receive`, which raises `exc`
+            # else the consumer's task is in a handler (the channel read itself failed): it raises `exc` after it
 
 
 class _Turns:

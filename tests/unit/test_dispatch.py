@@ -30,14 +30,14 @@ class Probe(AsyncWebsocketConsumer):
         type(self).last_channel = self.channel_name
 
     async def _run(self, what, seconds=0.05):
-        type(self).running += 1
+        Probe.running += 1
         try:
-            assert type(self).running == 1, "two handlers at once"
+            assert Probe.running == 1, "two handlers at once"
             self.log.append(("start", what))
             await asyncio.sleep(seconds)
             self.log.append(("end", what))
         finally:
-            type(self).running -= 1
+            Probe.running -= 1
 
     async def receive(self, text_data=None, bytes_data=None):
         await self._run(text_data)
@@ -128,3 +128,20 @@ async def test_a_direct_channel_send_reaches_the_handler_and_the_channel_is_drop
     assert await comm.receive_from(timeout=2) == "layer:direct"
     await comm.disconnect()
     assert channel not in layer.channels  # the reader's cancelled receive dropped it, as with Channels' loop
+
+
+async def test_a_channel_read_that_fails_during_a_handler_ends_the_consumer_once_the_handler_is_done(monkeypatch):
+    layer = get_channel_layer()
+
+    async def failing_receive(channel):
+        while not Probe.running:
+            await asyncio.sleep(0.005)
+        raise RuntimeError("layer down")
+
+    monkeypatch.setattr(layer, "receive", failing_receive)
+    comm = WebsocketCommunicator(LeanProbe.as_asgi(), "/ws/")
+    assert (await comm.connect())[0]
+    await comm.send_to(text_data="w0")
+    with pytest.raises(RuntimeError, match="layer down"):
+        await asyncio.wait_for(asyncio.shield(comm.future), 2)
+    assert ("end", "w0") in Probe.log  # the handler was not cut short
