@@ -31,7 +31,7 @@ from django.conf import settings
 from django.db import Error as DatabaseError
 from django.http.request import split_domain_port, validate_host
 
-from app.chat import origin, throttle
+from app.chat import origin, throttle, wire
 from app.chat.rendering import error_frame
 from app.observability import metrics
 
@@ -119,7 +119,8 @@ class WebsocketGuard:
             verdict = await throttle.ahit(throttle.handshakes(), throttle.scope_address(scope))
             if not verdict.allowed:
                 return await too_many(scope, receive, send, verdict.retry_after)
-            return await self.app(scope, tracked_receive, tracked_send)
+            # wire.attach: Uvicorn's connection for the fan-out's direct writes (app/chat/wire.py).
+            return await self.app(wire.attach(scope, send), tracked_receive, tracked_send)
         except (*OUTAGE_ERRORS, throttle.Unavailable) as exc:
             if state["closed"]:
                 raise

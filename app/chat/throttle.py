@@ -262,7 +262,11 @@ async def ahit(limit: Limit, identity) -> Verdict:
     if _target() is None:
         return _verdict(_memory_hit(key, limit), limit)
     try:
-        wait = await asyncio.wait_for(_async_script()(keys=[key], args=[limit.interval_ms, limit.window_ms]), TIMEOUT)
+        # asyncio.timeout, not wait_for: on Python 3.11 (Debian 12, the image)
+        # wait_for runs the call in a task of its own, one more turn of a busy
+        # event loop for every message sent.
+        async with asyncio.timeout(TIMEOUT):
+            wait = await _async_script()(keys=[key], args=[limit.interval_ms, limit.window_ms])
     except _store_errors() as exc:
         raise Unavailable(f"{type(exc).__name__}: {exc}") from None
     return _verdict(int(wait), limit)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from typing import Callable
 
 from channels.db import database_sync_to_async
 from django.db import DataError, IntegrityError, connection, transaction
@@ -122,15 +123,18 @@ def _insert_portable(messages: list[Message]) -> None:
 
 
 @database_sync_to_async
-def _insert(messages: list[Message]) -> None:
+def _insert(messages: list[Message], committed: Callable[[], None] | None = None) -> None:
     """Write `messages` and set seq and pk on those stored; a message whose room
-    is gone is left without them."""
+    is gone is left without them. `committed` runs on the database thread as
+    soon as the rows are committed."""
     for m in messages:
         m.seq = m.pk = None  # a retry starts clean (a rolled-back attempt may have set them)
     if connection.vendor == "postgresql":
         _insert_postgresql(messages)
     else:
         _insert_portable(messages)
+    if committed is not None:
+        transaction.on_commit(committed)  # at once in autocommit; after the outer block otherwise
 
 
 # A batch failing with one of these is retried row by row; anything else (the
@@ -152,11 +156,19 @@ class BatchWriter:
         return await future
 
     async def _drain(self):
+        loop = asyncio.get_running_loop()
         while self.pending:
             batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+
+            def committed(batch=batch):
+                # The senders go on (publish) from the database thread's commit:
+                # one turn of the event loop, instead of the three that asgiref's
+                # way back (the executor's future, a shield, this task) costs.
+                loop.call_soon_threadsafe(self._settle_all, batch)
+
             try:
                 try:
-                    await _insert([message for message, _ in batch])
+                    await _insert([message for message, _ in batch], committed)
                 except DATA_ERRORS as exc:
                     if len(batch) == 1:
                         raise
@@ -175,8 +187,7 @@ class BatchWriter:
                 self.pending = []
                 raise
             else:
-                for message, future in batch:
-                    self._settle(message, future)
+                self._settle_all(batch)  # those `committed` settled already are left alone
 
     async def _one_by_one(self, batch):
         for n, (message, future) in enumerate(batch):
@@ -192,6 +203,11 @@ class BatchWriter:
                 return
             else:
                 self._settle(message, future)
+
+    @classmethod
+    def _settle_all(cls, batch):
+        for message, future in batch:
+            cls._settle(message, future)
 
     @staticmethod
     def _settle(message, future):

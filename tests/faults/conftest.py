@@ -89,14 +89,17 @@ def spawn(stack, postgres):
             pass
 
 
-def log_problems(text: str) -> list[str]:
-    """Lines that must never appear in a production log during these scenarios."""
+def log_problems(text: str, context: int = 15) -> list[str]:
+    """Lines that must never appear in a production log during these scenarios,
+    each with the `context` lines after it (a traceback's frames and error), so
+    that a failure says what went wrong, not only that something did."""
     bad = []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for n, line in enumerate(lines):
         # Uvicorn's access line ends with the status ('..." 500'), JSON logs carry "status": 500.
         if ("Traceback" in line or "Exception in ASGI application" in line
                 or re.search(r'" 500(\s|$)', line) or re.search(r'"status": ?500\b', line)):
-            bad.append(line)
+            bad.append("\n".join(lines[max(0, n - 1):n + 1 + context]))
     return bad
 
 

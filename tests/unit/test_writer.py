@@ -75,3 +75,41 @@ async def test_a_bad_row_fails_alone(poison):
     assert isinstance(results[1], RoomGone if poison == "deleted room" else Exception), results
     assert not any(isinstance(r, BaseException) for n, r in enumerate(results) if n != 1), results
     assert await _stored() == [("lobby", 1, "before"), ("lobby", 2, "after"), ("other", 1, "unrelated")]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_sender_goes_on_from_the_commit_not_from_the_database_threads_way_back(monkeypatch):
+    """store_message returns once the batch is committed, settled by a callback
+    the database thread schedules right after the commit; it does not wait for
+    the thread's own return (asgiref's close_old_connections, its executor
+    future and shield, the writer task: three more turns of a busy event loop).
+    Here the thread is held in that way back: the message is still returned,
+    stored and numbered. Positive control: the thread really was held until
+    released, and the next batch is written once it is."""
+    import threading
+
+    import channels.db
+
+    alice, _bob, _gone_user, lobby, _other, _gone_room = await _setup()
+    release, held = threading.Event(), threading.Event()
+    original = channels.db.close_old_connections
+    calls = {"n": 0}
+
+    def slow_way_back():
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second call: after the INSERT, on the way back
+            held.set()
+            release.wait(10)
+        return original()
+
+    monkeypatch.setattr(channels.db, "close_old_connections", slow_way_back)
+    message = await asyncio.wait_for(store_message(lobby.pk, alice.pk, "first"), 5)
+    assert message.seq == 1 and message.pk is not None
+    assert held.is_set() and not release.is_set()
+    later = asyncio.ensure_future(store_message(lobby.pk, alice.pk, "second"))
+    await asyncio.sleep(0.2)
+    assert not later.done()  # the writer's one thread is still held
+    release.set()
+    assert (await asyncio.wait_for(later, 5)).seq == 2
+    bodies = await database_sync_to_async(lambda: list(Message.objects.order_by("seq").values_list("body", flat=True)))()
+    assert bodies == ["first", "second"]
