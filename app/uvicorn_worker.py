@@ -40,9 +40,10 @@ class ChatUvicornWorker(UvicornWorker):
         # Django's ASGI handler does not speak lifespan; "auto" would log a
         # failed startup probe on every boot.
         "lifespan": "off",
-        # The protocol "auto" picks when websockets is installed, named: the
-        # fan-out writes frames to its connections directly (app/chat/wire.py).
-        "ws": "websockets-sansio",
+        # The protocol "auto" picks when websockets is installed (websockets-sansio),
+        # holding less per open socket (app/ws_protocol.py), named: the fan-out
+        # writes frames to its connections directly (app/chat/wire.py).
+        "ws": "app.ws_protocol:ChatWebSocketProtocol",
         # Pings keep idle sockets alive through proxies that cut silent ones
         # (Heroku's router: 55 s) and find dead peers.
         "ws_ping_interval": 20.0,

@@ -36,6 +36,8 @@ from typing import Callable
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
 from channels_redis.utils import _wrap_close
 
+from app.lean_asyncio import LeanQueue
+
 log = logging.getLogger(__name__)
 
 Offer = Callable[[dict], bool]
@@ -133,6 +135,12 @@ class _LoopLayer(RedisPubSubLoopLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._shards = [_Shard(shard.host, self) for shard in self._shards]
+
+    async def _subscribe_to_channel(self, channel):
+        # The library's, with a LeanQueue for the channel's queue: every socket
+        # has a channel, and an idle asyncio.Queue is ~3 KiB (app/lean_asyncio.py).
+        self.channels[channel] = LeanQueue()
+        await self._get_shard(channel).subscribe(channel)
 
 
 class ChatPubSubChannelLayer(RedisPubSubChannelLayer):

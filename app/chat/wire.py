@@ -24,9 +24,9 @@ import struct
 
 from websockets.protocol import State
 
-# uvicorn.protocols.websockets.websockets_sansio_impl, the protocol the worker
-# asks for (ChatUvicornWorker.CONFIG_KWARGS["ws"]). Imported lazily: Daphne in
-# development does not need Uvicorn.
+# app/ws_protocol.py's subclass of Uvicorn's websockets-sansio protocol, the
+# protocol the worker asks for (ChatUvicornWorker.CONFIG_KWARGS["ws"]). Imported
+# lazily: Daphne in development does not need Uvicorn.
 _PROTOCOL_CLASS = None
 
 SCOPE_KEY = "chat.wire"
@@ -35,9 +35,9 @@ SCOPE_KEY = "chat.wire"
 def _protocol_class():
     global _PROTOCOL_CLASS
     if _PROTOCOL_CLASS is None:
-        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+        from app.ws_protocol import ChatWebSocketProtocol
 
-        _PROTOCOL_CLASS = WebSocketsSansIOProtocol
+        _PROTOCOL_CLASS = ChatWebSocketProtocol
     return _PROTOCOL_CLASS
 
 

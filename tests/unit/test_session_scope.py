@@ -29,3 +29,48 @@ async def test_the_session_of_the_cookie_is_in_the_scope_and_send_is_passed_thro
 async def test_without_cookie_middleware_it_refuses_to_guess():
     with pytest.raises(ValueError, match="CookieMiddleware"):
         await run({"type": "websocket"})
+
+
+@pytest.mark.django_db
+async def test_session_and_user_go_into_this_connections_scope_without_more_copies():
+    """Each copy lives as long as the socket (~0.45 KiB): Channels' AuthMiddleware made two."""
+    from channels.db import database_sync_to_async
+    from django.contrib.auth import login
+    from django.contrib.auth.models import User
+    from django.contrib.sessions.backends.db import SessionStore
+    from django.test import RequestFactory
+
+    from app.chat.session_scope import WebsocketAuthMiddleware
+
+    @database_sync_to_async
+    def logged_in_session_key():
+        user = User.objects.create_user("alice", password="pw-unused-123")
+        request = RequestFactory().get("/")
+        request.session = SessionStore()
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        request.session.save()
+        return user.pk, request.session.session_key
+
+    pk, key = await logged_in_session_key()
+    seen = {}
+
+    async def inner(scope, receive, send):
+        seen["scope"], seen["user"] = scope, scope["user"].pk
+
+    scope = {"type": "websocket", "cookies": {settings.SESSION_COOKIE_NAME: key}}
+    await WebsocketSessionMiddleware(WebsocketAuthMiddleware(inner))(scope, None, None)
+    assert seen["scope"] is scope and seen["user"] == pk
+    scope = {"type": "websocket", "cookies": {}}
+    await WebsocketSessionMiddleware(WebsocketAuthMiddleware(inner))(scope, None, None)
+    assert seen["scope"] is scope and seen["user"] is None  # anonymous
+
+
+def test_the_websocket_stack_uses_them():
+    from app.asgi import application
+
+    layers, app = [], application.app.application_mapping["websocket"]
+    while app is not None:
+        layers.append(type(app).__name__)
+        app = getattr(app, "app", None) or getattr(app, "inner", None)
+    assert layers[:5] == ["WebsocketGuard", "CookieMiddleware", "WebsocketSessionMiddleware",
+                          "WebsocketAuthMiddleware", "WebsocketUser"], layers
