@@ -51,7 +51,7 @@ from app.chat.delivery import Delivered
 from app.chat.fan_out import fan_out
 from app.chat.models import Message, Room
 from app.chat.rendering import article_html, article_html_from, cursor_frame, error_frame, message_frame
-from app.chat.writer import store_message
+from app.chat.writer import NotAdmitted, store_message
 from app.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -408,16 +408,21 @@ class ChatConsumer(LeanDispatch, NoIdleDatabaseHops, AsyncWebsocketConsumer):
                 metrics.rate_limited("frame")
                 raise FrameError("rate_limited", SENDING_TOO_FAST)
             body = parse_frame(text_data, bytes_data)
-            if not (await throttle.ahit_or_local(throttle.user_messages(), self.user_id)).allowed:
-                raise FrameError("rate_limited", SENDING_TOO_FAST)
         except FrameError as err:
             metrics.rejected(err.code)
             await self.send(text_data=error_frame(err.code, err.text))
             return
-        if self.revoked:  # revoked while the budget was asked for
-            return
+        # The per-user budget (a Redis round trip) is asked while the message
+        # waits for the writer, not before it: the writer holds the message
+        # until the answer and writes it only on a yes (app/chat/writer.py).
+        admission = asyncio.ensure_future(self.admit())
         try:
-            message = await store_message(self.room.pk, self.scope["user"].pk, body)
+            message = await store_message(self.room.pk, self.scope["user"].pk, body, admission)
+        except NotAdmitted as refused:
+            if refused.reason == "rate_limited":
+                metrics.rejected("rate_limited")
+                await self.send(text_data=error_frame("rate_limited", SENDING_TOO_FAST))
+            return  # "revoked": nothing more is sent to it
         except Exception as exc:  # the database is down: nothing was written
             log_failure("storing a message failed", exc)
             metrics.rejected("not_saved")
@@ -433,6 +438,14 @@ class ChatConsumer(LeanDispatch, NoIdleDatabaseHops, AsyncWebsocketConsumer):
             # back (or from the replay when it reconnects); the sender sees it now.
             log_failure(f"fan-out failed for message {message.id}", exc)
             await self.deliver(message.seq, frame)
+
+    async def admit(self) -> str | None:
+        """Whether a received message may be written: None, or why not."""
+        if not (await throttle.ahit_or_local(throttle.user_messages(), self.user_id)).allowed:
+            return "rate_limited"
+        if self.revoked:  # revoked while the budget was asked for
+            return "revoked"
+        return None
 
     async def chat_message(self, event):
         if await self.deliver(event["seq"], event["html"]):

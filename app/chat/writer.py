@@ -72,6 +72,14 @@ class RoomGone(Exception):
     """The message's room was deleted before the message was written."""
 
 
+class NotAdmitted(Exception):
+    """The message's admission (store_message's `admission`) said no; `reason` is what it returned."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def _numbered(messages: list[Message]) -> list[int]:
     """k = 1, 2, 3 ... for each room's messages, in arrival order."""
     counter: dict[int, int] = defaultdict(int)
@@ -144,21 +152,58 @@ DATA_ERRORS = (IntegrityError, DataError)
 
 class BatchWriter:
     def __init__(self):
-        self.pending: list[tuple[Message, asyncio.Future]] = []
+        self.pending: list[tuple[Message, asyncio.Future, asyncio.Future | None]] = []
         self.task: asyncio.Task | None = None
 
-    async def store(self, room_id, user_id, body) -> Message:
+    async def store(self, room_id, user_id, body, admission: asyncio.Future | None = None) -> Message:
         future = asyncio.get_running_loop().create_future()
         message = Message(room_id=room_id, author_id=user_id, body=body, created_at=timezone.now())
-        self.pending.append((message, future))
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._drain())
+        self.pending.append((message, future, admission))
+        if admission is not None and not admission.done():
+            admission.add_done_callback(self._wake)  # the writer may be idle by then
+        self._wake()
         return await future
+
+    def _wake(self, *_):
+        if self.pending and (self.task is None or self.task.done()):
+            self.task = asyncio.get_running_loop().create_task(self._drain())
+
+    def _take_batch(self) -> list[tuple[Message, asyncio.Future]]:
+        """The next batch: pending messages whose admission has answered, in
+        arrival order. One that said no (or failed) is settled here and not
+        written; one still waiting stays pending, so a slow answer for one
+        sender holds nobody else's message."""
+        batch, waiting = [], []
+        for entry in self.pending:
+            message, future, admission = entry
+            if len(batch) >= MAX_BATCH or (admission is not None and not admission.done()):
+                waiting.append(entry)
+            elif admission is None or self._admit(future, admission):
+                batch.append((message, future))
+        self.pending = waiting
+        return batch
+
+    @staticmethod
+    def _admit(future: asyncio.Future, admission: asyncio.Future) -> bool:
+        """True if the (answered) admission lets the message be written; else its sender gets why."""
+        if admission.cancelled():
+            future.cancel()
+        elif admission.exception() is not None:
+            if not future.done():
+                future.set_exception(admission.exception())
+        elif admission.result() is not None:
+            if not future.done():
+                future.set_exception(NotAdmitted(admission.result()))
+        else:
+            return True
+        return False
 
     async def _drain(self):
         loop = asyncio.get_running_loop()
         while self.pending:
-            batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+            batch = self._take_batch()
+            if not batch:
+                return  # only messages still waiting for their admission: its answer wakes the writer
 
             def committed(batch=batch):
                 # The senders go on (publish) from the database thread's commit:
@@ -181,7 +226,7 @@ class BatchWriter:
                     if not future.done():
                         future.set_exception(exc)
             except BaseException:  # cancelled (worker shutting down): nobody waits forever
-                for _, future in batch + self.pending:
+                for _, future in batch + [(m, f) for m, f, _ in self.pending]:
                     if not future.done():
                         future.set_exception(RuntimeError("message writer stopped"))
                 self.pending = []
@@ -223,11 +268,17 @@ class BatchWriter:
 _writers: dict = {}
 
 
-async def store_message(room_id, user_id, body) -> Message:
-    """Store one message (batched with concurrent ones); returns it with id, seq and created_at."""
+async def store_message(room_id, user_id, body, admission: asyncio.Future | None = None) -> Message:
+    """Store one message (batched with concurrent ones); returns it with id, seq and created_at.
+
+    `admission`, a future (a task) that answers None (write it) or a reason
+    not to (NotAdmitted(reason) is raised, nothing is written): the sender's
+    check that still runs, the per-user budget in Redis, overlaps the wait for
+    the writer instead of coming before it. A message waits for its answer
+    before it joins a batch; an admission that raises fails only its message."""
     loop = asyncio.get_running_loop()
     writer = _writers.get(loop)
     if writer is None:
         _writers.clear()  # one event loop per worker process; drop a closed one
         writer = _writers[loop] = BatchWriter()
-    return await writer.store(room_id, user_id, body)
+    return await writer.store(room_id, user_id, body, admission)

@@ -105,7 +105,9 @@ async def test_a_sender_goes_on_from_the_commit_not_from_the_database_threads_wa
     monkeypatch.setattr(channels.db, "close_old_connections", slow_way_back)
     message = await asyncio.wait_for(store_message(lobby.pk, alice.pk, "first"), 5)
     assert message.seq == 1 and message.pk is not None
-    assert held.is_set() and not release.is_set()
+    # The thread reaches its way back just after the commit that settled the message.
+    assert await asyncio.get_running_loop().run_in_executor(None, held.wait, 5)
+    assert not release.is_set()
     later = asyncio.ensure_future(store_message(lobby.pk, alice.pk, "second"))
     await asyncio.sleep(0.2)
     assert not later.done()  # the writer's one thread is still held
@@ -113,3 +115,43 @@ async def test_a_sender_goes_on_from_the_commit_not_from_the_database_threads_wa
     assert (await asyncio.wait_for(later, 5)).seq == 2
     bodies = await database_sync_to_async(lambda: list(Message.objects.order_by("seq").values_list("body", flat=True)))()
     assert bodies == ["first", "second"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_message_is_written_only_after_its_admission_says_yes_and_holds_nobody_else():
+    """store_message's admission (the per-user budget, asked while the message
+    waits for the writer): a no is never written and its sender learns why; a
+    message still waiting for its answer holds no other sender's message; a
+    yes is written when it comes. Positive control: a message without an
+    admission is written at once."""
+    from app.chat.writer import NotAdmitted
+
+    alice, bob, _gone_user, lobby, _other, _gone_room = await _setup()
+    loop = asyncio.get_running_loop()
+    slow, refused = loop.create_future(), loop.create_future()
+    refused.set_result("rate_limited")
+    waiting = asyncio.ensure_future(store_message(lobby.pk, alice.pk, "waits for its answer", slow))
+    no = asyncio.ensure_future(store_message(lobby.pk, alice.pk, "over the budget", refused))
+    free = await asyncio.wait_for(store_message(lobby.pk, bob.pk, "no admission"), 5)
+    assert free.seq == 1
+    with pytest.raises(NotAdmitted) as refusal:
+        await asyncio.wait_for(no, 5)
+    assert refusal.value.reason == "rate_limited"
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    slow.set_result(None)
+    assert (await asyncio.wait_for(waiting, 5)).seq == 2
+    bodies = await database_sync_to_async(lambda: list(Message.objects.order_by("seq").values_list("body", flat=True)))()
+    assert bodies == ["no admission", "waits for its answer"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_admission_that_fails_fails_only_its_message():
+    alice, bob, _gone_user, lobby, _other, _gone_room = await _setup()
+    loop = asyncio.get_running_loop()
+    broken, fine = loop.create_future(), loop.create_future()
+    broken.set_exception(RuntimeError("the budget's store blew up"))
+    fine.set_result(None)
+    results = await asyncio.gather(store_message(lobby.pk, alice.pk, "broken", broken),
+                                   store_message(lobby.pk, bob.pk, "fine", fine), return_exceptions=True)
+    assert isinstance(results[0], RuntimeError) and results[1].seq == 1
