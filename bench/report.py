@@ -181,29 +181,42 @@ ISSUE13_CHANGES = """\
 The sweep is CPU-bound on this machine: at the knee the workers were runnable but waiting for a CPU
 much of the time (`/proc/<pid>/task/*/schedstat`, midway through these changes at 10,000 offered/s:
 per second, each worker ran 0.59 s and waited 0.44 s for a CPU), so every change below removes CPU per delivered
-frame or a queue in front of the event loop. Found with a temporary `cProfile.Profile(time.thread_time)`
-hook in the worker (CPU, not wall time) and per-stage timings in the consumer (throttle, store,
-publish, fan-out), neither shipped.
+frame, a turn of the event loop, or memory a socket holds. Found with a temporary
+`cProfile.Profile(time.thread_time)` hook in the worker (CPU, not wall time), per-stage timings in
+the consumer and `tracemalloc` snapshots, none shipped (bench/README.md has the figures).
 
 1. **One fan-out per worker** (app/chat/layer.py). channels_redis put each room message in the
    queue of every member socket: per delivered frame a msgpack decode, a queue wake-up and a turn of
    Channels' dispatch loop (an `asyncio.wait` and a new task). Now the worker decodes it once and hands
-   it to each local socket's `offer`, which writes it from a small outbox.
-2. **No publish convoy.** channels_redis holds one lock per shard around every PUBLISH, so a worker
+   it to each local socket's `offer`.
+2. **Direct frame writes** (app/chat/wire.py). The text frame is built once per worker and written
+   to each socket's transport when nothing waits before it and the transport is not paused,
+   skipping Channels', the middlewares' and Uvicorn's `send` path; otherwise the socket's outbox
+   takes it, in order.
+3. **No publish convoy.** channels_redis holds one lock per shard around every PUBLISH, so a worker
    had one in flight at a time, each waiting for a turn of a busy loop. Publishes that arrive while
    one is in flight now go together in one pipeline (one write, one round trip, one connection).
-3. **GC** (app/uvicorn_worker.py): the loaded app is frozen and young collections run at 20,000
+4. **Fewer turns per message.** The per-user budget's Redis call overlaps the wait for the batch
+   writer instead of coming before it (app/chat/writer.py); the database thread wakes the senders
+   at the commit itself (`transaction.on_commit`); hiredis parses Redis replies in C (redis-py's
+   Python parser was ~16 % of the loop's CPU).
+5. **GC** (app/uvicorn_worker.py): the loaded app is frozen and young collections run at 20,000
    allocations instead of 700; full collections had held the loop ~113 ms (bench/README.md "GC").
-4. **No per-frame session wrapper** (app/chat/session_scope.py) and **no idle database-thread hops**
-   at connect/disconnect (app/chat/db_hops.py; the churn soak's sockets queued for that thread).
-5. **The generator** (bench/loadgen.py) is a lean client on `asyncio.Protocol` (about half the CPU per
+6. **Memory per socket**: lean queues and events (app/lean_asyncio.py) in Uvicorn's protocol
+   (app/ws_protocol.py) and the layer, the handshake's request/response and headers dropped once
+   answered, one consumer task fewer (app/chat/dispatch.py), no scope copies in the session and
+   auth middleware; no per-frame session wrapper and no idle database-thread hops at
+   connect/disconnect (app/chat/db_hops.py).
+7. **The generator** (bench/loadgen.py) is a lean client on `asyncio.Protocol` (about half the CPU per
    received frame of the websockets client it replaced): it shares the 2 CPUs with the server, so
    its cost was the server's loss. Both columns above use it.
 
-Still in the way, not changed: every delivered frame is one `transport.write` (a syscall) through
-Uvicorn's and websockets' Python framing, and every message costs a Redis round trip for the
-per-user budget, a database thread hop for the batch INSERT and a PUBLISH, each waiting for a turn
-of the event loop; under load those turns, not Redis or PostgreSQL, set the latency.
+Still in the way, not changed: every delivered frame is one `transport.write` (a system call that,
+on this VM, costs about 22 µs of CPU with the reader's wake-up) and one read by the generator on the
+same 2 cores; every message still costs a Redis round trip for the budget, a database thread hop for
+the batch INSERT and a PUBLISH. RSS under connect/disconnect churn still grows: trimming the heap
+every 5 s (`malloc_trim`), `PYTHONMALLOC=malloc` and the plain asyncio loop instead of uvloop were
+each tried and did not make it flat.
 """
 
 

@@ -31,7 +31,7 @@ async def test_without_cookie_middleware_it_refuses_to_guess():
         await run({"type": "websocket"})
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # the user is made on the database thread, outside a test transaction
 async def test_session_and_user_go_into_this_connections_scope_without_more_copies():
     """Each copy lives as long as the socket (~0.45 KiB): Channels' AuthMiddleware made two."""
     from channels.db import database_sync_to_async
