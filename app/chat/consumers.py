@@ -183,6 +183,25 @@ class ChatConsumer(LeanDispatch, NoIdleDatabaseHops, AsyncWebsocketConsumer):
     # on anything sent after websocket.close (a traceback, seen under load).
     closing = False
 
+    async def __call__(self, scope, receive, send):
+        """Channels calls disconnect() only for a `websocket.disconnect` it
+        handles. A consumer that ends with an exception instead never gets
+        one: typically a client that leaves during the handshake, whose
+        `accept` raises (Uvicorn: ClientDisconnected) after connect() took a
+        socket slot and joined the room group. Without this, every such
+        socket kept its slot (the user's limit, for the worker's life) and its
+        group membership (the fan-out walks it for every message)."""
+        try:
+            await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            raise  # the server is stopping: what this process holds goes with it
+        except BaseException:
+            try:
+                await self.disconnect(1006)  # idempotent: each step is, if it ran already
+            except Exception:  # never in place of the error that ended the consumer
+                log.exception("cleanup of a consumer that ended with an error failed")
+            raise
+
     async def send(self, text_data=None, bytes_data=None, close=False):
         if self.closing:
             return
