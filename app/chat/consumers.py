@@ -258,8 +258,8 @@ class ChatConsumer(LeanDispatch, NoIdleDatabaseHops, AsyncWebsocketConsumer):
             log_failure("channel layer unavailable on connect", exc)
             await self.refuse_unavailable()
             return
+        await self.accept()  # raises if the client has gone: counted by the guard as client_gone
         metrics.handshake("accepted")
-        await self.accept()
         drop_headers(self.scope)
         revocation.register(self)  # from here on logout & co. close it
         await self.replay()

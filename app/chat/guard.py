@@ -58,6 +58,19 @@ def _outage_errors() -> tuple[type[BaseException], ...]:
 
 
 OUTAGE_ERRORS = _outage_errors()
+
+
+def _client_gone_errors() -> tuple[type[BaseException], ...]:
+    # Uvicorn's accept/send raise ClientDisconnected (an OSError, so it would
+    # otherwise read as an outage) once the client has closed the connection.
+    try:
+        from uvicorn.protocols.utils import ClientDisconnected
+    except ImportError:  # pragma: no cover - Uvicorn is in both locks
+        return ()
+    return (ClientDisconnected,)
+
+
+CLIENT_GONE_ERRORS = _client_gone_errors()
 TOO_MANY = "Too many connection attempts from your address; retry in {} s."
 
 
@@ -108,12 +121,12 @@ class WebsocketGuard:
             return message
 
         async def tracked_send(message):
+            await send(message)  # first: an accept that raised (the client left) accepted nothing
             kind = message.get("type")
             if kind == "websocket.accept":
                 state["accepted"] = True
             elif kind in ("websocket.close", "websocket.http.response.start"):
                 state["closed"] = True
-            await send(message)
 
         try:
             verdict = await throttle.ahit(throttle.handshakes(), throttle.scope_address(scope))
@@ -121,6 +134,14 @@ class WebsocketGuard:
                 return await too_many(scope, receive, send, verdict.retry_after)
             # wire.attach: Uvicorn's connection for the fan-out's direct writes (app/chat/wire.py).
             return await self.app(wire.attach(scope, send), tracked_receive, tracked_send)
+        except CLIENT_GONE_ERRORS:
+            # The client left (typically during the handshake, while connect()
+            # read the database): nobody to answer, nothing is wrong on our side.
+            # The consumer has given back what it took (ChatConsumer.__call__).
+            if not state["accepted"]:
+                metrics.handshake("client_gone")
+            log.debug("websocket %s: the client left", scope.get("path"))
+            return
         except (*OUTAGE_ERRORS, throttle.Unavailable) as exc:
             if state["closed"]:
                 raise

@@ -56,7 +56,7 @@ FLUSH_SECONDS = 1.0
 PROCESS_SECONDS = 5.0
 
 HANDSHAKE_OUTCOMES = ("accepted", "unauthenticated", "no_room", "bad_path", "bad_host", "bad_origin",
-                      "rate_limited", "too_many_sockets", "unavailable")
+                      "rate_limited", "too_many_sockets", "unavailable", "client_gone")
 REJECT_REASONS = ("binary", "too_long", "bad_json", "missing_message", "empty", "bad_text", "rate_limited",
                   "not_saved")
 # The limit names of app/chat/throttle.py's buckets, plus the socket's own

@@ -17,6 +17,7 @@ loaded worker gives: connect() still reading the database when the client leaves
 """
 import asyncio
 import base64
+import logging
 import os
 
 import pytest
@@ -28,17 +29,23 @@ from websockets.asyncio.client import connect
 
 from app.chat import layer, resync, revocation, slots
 from app.chat.consumers import ChatConsumer, room_group
+from app.chat.guard import WebsocketGuard
 from app.chat.models import Room
+from app.observability.metrics import REGISTRY
 from app.uvicorn_worker import ChatUvicornWorker
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-async def served():
+@pytest.fixture(params=["consumer"])
+async def served(request):
+    """The chat consumer behind a real Uvicorn server; with param "guard", behind
+    the production's outermost middleware (app/chat/guard.py) as well."""
     user = await database_sync_to_async(User.objects.create_user)("carol", password="pw-unused-123")
     room = await database_sync_to_async(Room.objects.create)(name="lobby")
     consumer_app = ChatConsumer.as_asgi()
+    if request.param == "guard":
+        consumer_app = WebsocketGuard(consumer_app)
     ended = []
     holder = {}
 
@@ -68,12 +75,26 @@ async def served():
     await asyncio.wait_for(task, 10)
 
 
+# What a browser on the test settings' site sends through a TLS-terminating
+# proxy on 127.0.0.1 (Uvicorn trusts its X-Forwarded-Proto): the guard's Host
+# and Origin checks pass.
+SITE_HEADERS = {"Host": "chat.example.com", "Origin": "https://chat.example.com", "X-Forwarded-Proto": "https"}
+
+
+def site_socket(port: int, room):
+    """A real websocket client on the site's URL, connected to 127.0.0.1:port."""
+    url = f"ws://{SITE_HEADERS['Host']}/ws/rooms/{room.pk}/?after=0"
+    extra = {name: value for name, value in SITE_HEADERS.items() if name != "Host"}  # Host: from the URL
+    return connect(url, additional_headers=extra, compression=None, host="127.0.0.1", port=port)
+
+
 async def abandon_handshake(port: int, room_id: int) -> None:
     """Send a websocket handshake, then reset the connection before any answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16)).decode()
-    writer.write((f"GET /ws/rooms/{room_id}/?abandon=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                  f"Origin: http://127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    site = "".join(f"{name}: {value}\r\n" for name, value in SITE_HEADERS.items())
+    writer.write((f"GET /ws/rooms/{room_id}/?abandon=1 HTTP/1.1\r\n{site}"
+                  f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
     await writer.drain()
     writer.transport.abort()
@@ -108,9 +129,35 @@ async def test_handshakes_abandoned_before_accept_keep_no_slot_and_no_group_memb
     assert not layer._offers and revocation.local_sockets() == 0 and resync.local_sockets() == 0
 
     # The user's limit is theirs again: a socket opens, is accepted and registered (not 1008 too_many_sockets).
-    url = f"ws://127.0.0.1:{port}/ws/rooms/{room.pk}/?after=0"
-    async with connect(url, additional_headers={"Origin": "http://127.0.0.1"}, compression=None):
+    async with site_socket(port, room):
         await wait_for(lambda: revocation._by_user.get(user.pk), "the socket was refused (its slots were leaked)")
         assert slots.held_here() == 1 and len(members(room)) == 1
     await wait_for(lambda: len(ended) == abandoned + 1, "the open socket's consumer never ended")
     assert slots.held_here() == 0 and not members(room)
+
+
+def handshakes(outcome: str) -> float:
+    return REGISTRY.get_sample_value("chat_websocket_handshakes_total", {"outcome": outcome}) or 0.0
+
+
+@pytest.mark.parametrize("served", ["guard"], indirect=True)
+async def test_the_guard_counts_a_client_that_left_as_gone_not_as_an_outage(served, caplog):
+    """Uvicorn's ClientDisconnected is an OSError: the guard used to read it as an
+    outage ("backend unavailable" warning, an `unavailable` handshake, an error
+    frame sent to nobody). Whether the guard is in front or not, nothing is kept."""
+    port, user, room, ended = served
+    gone, unavailable, accepted = handshakes("client_gone"), handshakes("unavailable"), handshakes("accepted")
+    abandoned = 3
+    for i in range(abandoned):
+        await abandon_handshake(port, room.pk)
+        await wait_for(lambda: len(ended) == i + 1, "the consumer never ended")
+    assert ended == [None] * abandoned  # the guard ended it quietly
+    assert handshakes("client_gone") - gone == abandoned
+    assert handshakes("unavailable") == unavailable and handshakes("accepted") == accepted
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("app.")]
+    assert slots.held_here() == 0 and not members(room)
+
+    # Positive control: through the same guard, a client that stays is accepted and counted so.
+    async with site_socket(port, room):
+        await wait_for(lambda: revocation._by_user.get(user.pk), "the socket was refused")
+    assert handshakes("accepted") - accepted == 1
