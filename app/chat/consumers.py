@@ -131,16 +131,6 @@ def parse_frame(text_data, bytes_data) -> str:
     return body
 
 
-@database_sync_to_async
-def load_connect_state(room_id, session):
-    """The room, and the session key and auth hash the socket was opened with
-    (what the revocation re-check compares later), in one thread hop."""
-    room = Room.objects.filter(pk=room_id).first()
-    if session is None:
-        return room, None, None
-    return room, session.session_key, session.get(HASH_SESSION_KEY)
-
-
 def drop_headers(scope) -> None:
     """Empty the handshake's header list once the socket is accepted: only the
     middleware reads it, at the handshake, yet every copy of the scope (one per
@@ -155,8 +145,7 @@ TOO_MANY_SOCKETS = "You have {} chat connections open (at most {}); close a tab 
 SENDING_TOO_FAST = "You are sending too fast; wait a moment."
 
 
-@database_sync_to_async
-def messages_after(room_id, after, limit):
+def stored_after(room_id, after, limit):
     """(seq, id, article) of the newest `limit` stored messages with seq > after,
     oldest first. Seqs commit in order, so this is every message after `after`
     that exists (or the newest `limit` of them), never a set with a hole that
@@ -165,6 +154,41 @@ def messages_after(room_id, after, limit):
         Message.objects.filter(room_id=room_id, seq__gt=after).select_related("author").order_by("-seq")[:limit]
     )
     return [(m.seq, m.id, article_html_from(m)) for m in reversed(rows)]
+
+
+messages_after = database_sync_to_async(stored_after)
+
+
+@database_sync_to_async
+def load_connect_state(room_id, session, after, limit):
+    """Everything the handshake reads from the database, in one thread hop
+    (each hop is a turn in the worker's one database thread's queue, a pooled
+    connection taken and given back, and a wake-up of the event loop):
+
+    * the room (None: no such room);
+    * the session key and auth hash the socket was opened with (what the
+      revocation re-check compares later; the session was loaded by the
+      authentication, so no query);
+    * the replay: `start`, where the socket's watermark begins, and the
+      stored messages after it (`stored_after`).
+
+    Called after the socket joined the room group, so the room's last_seq
+    read here bounds what the replay must send: a message with a higher seq
+    commits after this read, is published after its commit, and so reaches
+    the group member live. A page without a cursor (or with one at last_seq,
+    the usual reconnect that missed nothing) therefore needs no message
+    query at all: nothing stored can come after last_seq yet."""
+    room = Room.objects.filter(pk=room_id).first()
+    if room is None:
+        return None, None, None, None, []
+    known = room.last_seq
+    # A client claiming more than last_seq (a made-up value, another
+    # database) would otherwise never be sent the messages up to its claim.
+    start = known if after is None else min(after, known)
+    rows = stored_after(room_id, start, limit) if start < known else []
+    if session is None:
+        return room, None, None, start, rows
+    return room, session.session_key, session.get(HASH_SESSION_KEY), start, rows
 
 
 # NoIdleDatabaseHops (app/chat/db_hops.py): no database-thread hop of Channels' own per handler.
@@ -221,29 +245,24 @@ class ChatConsumer(LeanDispatch, NoIdleDatabaseHops, AsyncWebsocketConsumer):
             await self.close()  # before accept: the handshake gets HTTP 403
             return
         room_id = self.scope["url_route"]["kwargs"]["room_id"]
-        try:
-            self.room, self.session_key, self.session_hash = await load_connect_state(room_id, self.scope.get("session"))
-        except Exception as exc:
-            log_failure("room lookup failed", exc)
-            await self.refuse_unavailable()
-            return
-        if self.room is None:
-            metrics.handshake("no_room")
-            await self.close()
-            return
-        self.group = room_group(self.room.pk)
+        # The slot and the group first, the database after (one hop,
+        # load_connect_state): joining the group before the room's last_seq
+        # is read is what lets the replay skip its query when it cannot find
+        # anything. A room that does not exist gives both back below.
+        self.group = room_group(room_id)
         self.user_id = user.pk
-        self.session_tag = revocation.session_tag(self.session_key)
         self.username = user.get_username()
         self.delivered = None  # set by the replay; the resync skips the socket until then
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
         try:
             allowed, held = await slots.acquire(self.user_id, self.channel_name, settings.CHAT_MAX_SOCKETS_PER_USER)
         except throttle.Unavailable as exc:
+            self.group = None  # not joined
             log.warning("socket limit store unavailable (%s)", exc)
             await self.refuse_unavailable()
             return
         if not allowed:
+            self.group = None  # not joined
             metrics.handshake("too_many_sockets")
             metrics.rate_limited("sockets")
             await self.accept()
@@ -258,11 +277,25 @@ class ChatConsumer(LeanDispatch, NoIdleDatabaseHops, AsyncWebsocketConsumer):
             log_failure("channel layer unavailable on connect", exc)
             await self.refuse_unavailable()
             return
+        try:
+            self.room, self.session_key, self.session_hash, start, rows = await load_connect_state(
+                room_id, self.scope.get("session"), self.after_param(), settings.CHAT_HISTORY)
+        except Exception as exc:
+            log_failure("room lookup failed", exc)
+            await self.refuse_unavailable()
+            return
+        if self.room is None:
+            metrics.handshake("no_room")
+            await self.disconnect(1000)  # the slot and the group membership back, now
+            self.group = None
+            await self.close()  # before accept: the handshake gets HTTP 403
+            return
+        self.session_tag = revocation.session_tag(self.session_key)
         await self.accept()  # raises if the client has gone: counted by the guard as client_gone
         metrics.handshake("accepted")
         drop_headers(self.scope)
         revocation.register(self)  # from here on logout & co. close it
-        await self.replay()
+        await self.replay(start, rows)
 
     async def refuse_unavailable(self):
         metrics.handshake("unavailable")
@@ -284,20 +317,9 @@ class ChatConsumer(LeanDispatch, NoIdleDatabaseHops, AsyncWebsocketConsumer):
             await self.close(code=code)
         return True
 
-    async def replay(self):
-        after = self.after_param()
-        # The room was read before joining the group: its last_seq bounds the
-        # cursor. A client claiming more (a made-up value, another database)
-        # would otherwise never be sent the messages up to its claim.
-        known = self.room.last_seq
-        start = known if after is None else min(after, known)
-        try:
-            rows = await messages_after(self.room.pk, start, settings.CHAT_HISTORY)
-        except Exception as exc:
-            log_failure("replay failed", exc)
-            await self.send(text_data=error_frame("unavailable", "Could not load missed messages; reconnecting."))
-            await self.close(code=1013)
-            return
+    async def replay(self, start, rows):
+        """Send what load_connect_state read: the stored messages after the
+        client's ?after= cursor (bounded by the room's last_seq)."""
         self.delivered = Delivered(start)
         # More than a page missed: the older ones are skipped on purpose.
         await self.catch_up(rows)

@@ -6,8 +6,9 @@ a hop waits for the GIL too (up to the 5 ms switch interval). Channels (>= 4.2)
 adds a hop of its own around the handlers, `aclose_old_connections()`: before
 every handler in `AsyncConsumer.dispatch`, and once more at the end of
 `AsyncWebsocketConsumer.websocket_disconnect`. A socket that connects and
-closes made three of them, next to the three that do work (the session and
-user, the room, the replay): half of the database thread's queue.
+closes made three of them, next to the three that did work then (the session
+and user, the room, the replay; the room and the replay are one hop now,
+app/chat/consumers.py load_connect_state): half of the database thread's queue.
 
 Under a churn of reconnects that queue set the pace: at 100 reconnects/s (two
 workers, issue #13's churn soak) the workers completed about 70/s, the

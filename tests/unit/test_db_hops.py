@@ -16,10 +16,10 @@ from tests.unit.test_consumer import communicator, make_user_and_room
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# The chat consumer's handshake: the room (load_connect_state) and the replay
-# (messages_after). The session and the user are read by Channels'
-# AuthMiddleware before the consumer runs (not in these tests' scope).
-WORK = ["load_connect_state", "messages_after"]
+# The chat consumer's handshake: one hop for the room, the session's key and
+# hash and the replay (load_connect_state). The session and the user are read
+# by Channels' AuthMiddleware before the consumer runs (not in these tests' scope).
+WORK = ["load_connect_state"]
 # Channels' idle hop, `sync_to_async(close_old_connections)`; its communicator
 # swaps close_old_connections for `no_op` while it passes a message in or out.
 IDLE = ("close_old_connections", "no_op")
