@@ -207,7 +207,12 @@ the consumer and `tracemalloc` snapshots, none shipped (bench/README.md has the 
    answered, one consumer task fewer (app/chat/dispatch.py), no scope copies in the session and
    auth middleware; no per-frame session wrapper and no idle database-thread hops at
    connect/disconnect (app/chat/db_hops.py).
-7. **The generator** (bench/loadgen.py) is a lean client on `asyncio.Protocol` (about half the CPU per
+7. **Cheaper reconnects** (app/chat/consumers.py): the handshake reads the room, the session's key
+   and the replay in one database hop, after joining the room group, and skips the replay's query
+   when nothing can follow the cursor (10-30 % less worker CPU per reconnect, bench/README.md
+   "Churn"); a client gone during the handshake now gives back its socket slot and group
+   membership (it kept them for the worker's life).
+8. **The generator** (bench/loadgen.py) is a lean client on `asyncio.Protocol` (about half the CPU per
    received frame of the websockets client it replaced): it shares the 2 CPUs with the server, so
    its cost was the server's loss. Both columns above use it.
 
