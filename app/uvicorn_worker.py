@@ -40,6 +40,9 @@ class ChatUvicornWorker(UvicornWorker):
         # Django's ASGI handler does not speak lifespan; "auto" would log a
         # failed startup probe on every boot.
         "lifespan": "off",
+        # The httptools protocol ("auto" picks it), freed without the cyclic GC
+        # after a websocket upgrade (app/http_protocol.py).
+        "http": "app.http_protocol:ChatHttpProtocol",
         # The protocol "auto" picks when websockets is installed (websockets-sansio),
         # holding less per open socket (app/ws_protocol.py), named: the fan-out
         # writes frames to its connections directly (app/chat/wire.py).

@@ -1,0 +1,110 @@
+"""A websocket's HTTP protocol object is freed when the upgrade is done, not by the cyclic GC.
+
+app/http_protocol.py has the why (issue #13's churn soak: Uvicorn's httptools
+protocol and its parser form a reference cycle that Uvicorn breaks for plain
+HTTP but not after a websocket upgrade). Real parts: Uvicorn's server in this
+event loop with the worker's own `http` and `ws` protocol settings, real
+websocket and HTTP clients. The cyclic collector is off while the sockets come
+and go, so what is still alive afterwards is what only a collection would free.
+The same run with Uvicorn's own protocol is the control: it pins the library
+behaviour the subclass exists for (when Uvicorn breaks the cycle itself, that
+test fails and the subclass can go).
+"""
+import asyncio
+import gc
+import urllib.request
+
+import pytest
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from websockets.asyncio.client import connect
+
+from app.http_protocol import ChatHttpProtocol
+from app.uvicorn_worker import ChatUvicornWorker
+
+SOCKETS = 20
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    while (message := await receive())["type"] == "websocket.receive":
+        await send({"type": "websocket.send", "text": "echo " + message["text"]})
+
+
+async def serve(http):
+    kwargs = ChatUvicornWorker.CONFIG_KWARGS
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                                           http=http, ws=kwargs["ws"],
+                                           ws_per_message_deflate=kwargs["ws_per_message_deflate"]))
+    server.install_signal_handlers = lambda: None  # the test runner keeps its own
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    return server, task, server.servers[0].sockets[0].getsockname()[1]
+
+
+def live_http_protocols() -> int:
+    return sum(issubclass(type(o), HttpToolsProtocol) for o in gc.get_objects())  # type(): no weakproxy lookups
+
+
+async def http_protocols_left_by_websockets(http) -> int:
+    """Open, use and close SOCKETS websockets with the cyclic GC off; the HTTP
+    protocol objects still alive once every connection is gone."""
+    server, task, port = await serve(http)
+    try:
+        gc.collect()
+        before = live_http_protocols()
+        gc.disable()
+        for n in range(SOCKETS):
+            async with connect(f"ws://127.0.0.1:{port}/ws/", compression=None) as ws:
+                await ws.send(str(n))
+                assert await ws.recv() == f"echo {n}"
+        for _ in range(500):  # until Uvicorn has seen every connection go
+            if not server.server_state.connections:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        return live_http_protocols() - before
+    finally:
+        gc.enable()
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+def test_the_worker_serves_http_with_the_subclass():
+    assert ChatUvicornWorker.CONFIG_KWARGS["http"] == "app.http_protocol:ChatHttpProtocol"
+    assert issubclass(ChatHttpProtocol, HttpToolsProtocol)  # what "auto" picks with httptools installed
+
+
+async def test_a_websocket_leaves_no_http_protocol_for_the_cyclic_gc():
+    assert await http_protocols_left_by_websockets(ChatUvicornWorker.CONFIG_KWARGS["http"]) == 0
+
+
+async def test_control_uvicorns_own_protocol_leaves_one_per_websocket():
+    assert await http_protocols_left_by_websockets("httptools") == SOCKETS
+
+
+async def test_plain_http_still_served_and_freed():
+    server, task, port = await serve(ChatUvicornWorker.CONFIG_KWARGS["http"])
+    try:
+        gc.collect()
+        before = live_http_protocols()
+        gc.disable()
+        for _ in range(5):
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read())
+            assert body == b"ok"
+        for _ in range(500):
+            if not server.server_state.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert live_http_protocols() == before
+    finally:
+        gc.enable()
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
