@@ -15,7 +15,7 @@ cycles a second per worker, nothing else of note).
 
 The subclass (app/uvicorn_worker.py: `http`) drops the parser once the
 websocket protocol has taken the transport, as `connection_lost` does.
-tests/unit/test_http_protocol.py pins it against a real Uvicorn.
+tests/unit/test_protocols_freed.py pins it against a real Uvicorn.
 """
 from __future__ import annotations
 

@@ -212,16 +212,21 @@ the consumer and `tracemalloc` snapshots, none shipped (bench/README.md has the 
    when nothing can follow the cursor (10-30 % less worker CPU per reconnect, bench/README.md
    "Churn"); a client gone during the handshake now gives back its socket slot and group
    membership (it kept them for the worker's life).
-8. **The generator** (bench/loadgen.py) is a lean client on `asyncio.Protocol` (about half the CPU per
+8. **No cycle per websocket** (app/http_protocol.py, app/ws_protocol.py): Uvicorn's HTTP protocol
+   and its parser, and websockets' protocol and its parser generator, each formed a reference
+   cycle that outlived the socket. With the rare full collections of item 5 they piled up
+   through the churn soak (its RSS climbed by 0.7-3 MiB a minute); now reference counting frees
+   both when the socket goes (bench/README.md "Churn").
+9. **The generator** (bench/loadgen.py) is a lean client on `asyncio.Protocol` (about half the CPU per
    received frame of the websockets client it replaced): it shares the 2 CPUs with the server, so
    its cost was the server's loss. Both columns above use it.
 
 Still in the way, not changed: every delivered frame is one `transport.write` (a system call that,
 on this VM, costs about 22 µs of CPU with the reader's wake-up) and one read by the generator on the
 same 2 cores; every message still costs a Redis round trip for the budget, a database thread hop for
-the batch INSERT and a PUBLISH. RSS under connect/disconnect churn still grows: trimming the heap
-every 5 s (`malloc_trim`), `PYTHONMALLOC=malloc` and the plain asyncio loop instead of uvloop were
-each tried and did not make it flat.
+the batch INSERT and a PUBLISH. Under connect/disconnect churn the workers' RSS still follows the
+most sockets ever in flight at once (a high-water mark: pymalloc keeps an arena while any object
+in it lives), so a soak whose peak of sockets in flight keeps rising keeps rising with it.
 """
 
 
@@ -487,6 +492,7 @@ def memory_plot(results: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax3 = None  # the connections the server holds, on a second axis: what the RSS follows
     for label, side, style in sides:
         b = side.get("busy")
         if b and b["steps"]:
@@ -497,6 +503,10 @@ def memory_plot(results: dict, path: Path) -> bool:
         if c and c["samples"]:
             ax2.plot([s["t_s"] / 60 for s in c["samples"]], [s["workers_rss"] / 2**20 for s in c["samples"]], ls=style,
                      label=f"{label} (slope {c['workers_rss_slope_kib_per_min']} KiB/min)")
+            if any("open" in s for s in c["samples"]):
+                ax3 = ax3 or ax2.twinx()
+                ax3.plot([s["t_s"] / 60 for s in c["samples"] if "open" in s], [s["open"] for s in c["samples"] if "open" in s],
+                         ls=style, color="0.6", lw=0.7, label=f"{label}: connections held")
     ax1.set_title("busy sockets: master + workers PSS while they talk")
     ax1.set_xlabel("minutes since connected")
     ax1.set_ylabel("MiB")
@@ -504,7 +514,10 @@ def memory_plot(results: dict, path: Path) -> bool:
     ax2.set_title("churn soak: workers' RSS")
     ax2.set_xlabel("minutes")
     ax2.set_ylabel("MiB")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper left")
+    if ax3 is not None:
+        ax3.set_ylabel("connections held (grey)")
+        ax3.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,14 +1,16 @@
-"""A websocket's HTTP protocol object is freed when the upgrade is done, not by the cyclic GC.
+"""A websocket's protocol objects are freed by reference counting, not left for the cyclic GC.
 
-app/http_protocol.py has the why (issue #13's churn soak: Uvicorn's httptools
-protocol and its parser form a reference cycle that Uvicorn breaks for plain
-HTTP but not after a websocket upgrade). Real parts: Uvicorn's server in this
+Two cycles per websocket, found in issue #13's churn soak (bench/README.md "Churn"):
+Uvicorn's httptools protocol and its parser, which Uvicorn breaks for plain HTTP
+but not after a websocket upgrade (app/http_protocol.py), and websockets'
+ServerProtocol and its parser generator, which never finishes
+(app/ws_protocol.py). Real parts: Uvicorn's server in this
 event loop with the worker's own `http` and `ws` protocol settings, real
 websocket and HTTP clients. The cyclic collector is off while the sockets come
 and go, so what is still alive afterwards is what only a collection would free.
 The same run with Uvicorn's own protocol is the control: it pins the library
-behaviour the subclass exists for (when Uvicorn breaks the cycle itself, that
-test fails and the subclass can go).
+behaviour each subclass exists for (when the library breaks the cycle itself,
+that test fails and the override can go).
 """
 import asyncio
 import gc
@@ -18,6 +20,7 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect
+from websockets.server import ServerProtocol
 
 from app.http_protocol import ChatHttpProtocol
 from app.uvicorn_worker import ChatUvicornWorker
@@ -37,10 +40,13 @@ async def app(scope, receive, send):
         await send({"type": "websocket.send", "text": "echo " + message["text"]})
 
 
-async def serve(http):
-    kwargs = ChatUvicornWorker.CONFIG_KWARGS
+WORKER = ChatUvicornWorker.CONFIG_KWARGS
+
+
+async def serve(http, ws=WORKER["ws"]):
+    kwargs = WORKER
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
-                                           http=http, ws=kwargs["ws"],
+                                           http=http, ws=ws,
                                            ws_per_message_deflate=kwargs["ws_per_message_deflate"]))
     server.install_signal_handlers = lambda: None  # the test runner keeps its own
     task = asyncio.create_task(server.serve())
@@ -49,17 +55,21 @@ async def serve(http):
     return server, task, server.servers[0].sockets[0].getsockname()[1]
 
 
+def live(cls) -> int:
+    return sum(issubclass(type(o), cls) for o in gc.get_objects())  # type(): no weakproxy lookups
+
+
 def live_http_protocols() -> int:
-    return sum(issubclass(type(o), HttpToolsProtocol) for o in gc.get_objects())  # type(): no weakproxy lookups
+    return live(HttpToolsProtocol)
 
 
-async def http_protocols_left_by_websockets(http) -> int:
-    """Open, use and close SOCKETS websockets with the cyclic GC off; the HTTP
-    protocol objects still alive once every connection is gone."""
-    server, task, port = await serve(http)
+async def left_by_websockets(cls, http=WORKER["http"], ws=WORKER["ws"]) -> int:
+    """Open, use and close SOCKETS websockets with the cyclic GC off; the `cls`
+    objects still alive once every connection is gone."""
+    server, task, port = await serve(http, ws)
     try:
         gc.collect()
-        before = live_http_protocols()
+        before = live(cls)
         gc.disable()
         for n in range(SOCKETS):
             async with connect(f"ws://127.0.0.1:{port}/ws/", compression=None) as ws:
@@ -70,7 +80,7 @@ async def http_protocols_left_by_websockets(http) -> int:
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
-        return live_http_protocols() - before
+        return live(cls) - before
     finally:
         gc.enable()
         server.should_exit = True
@@ -82,12 +92,24 @@ def test_the_worker_serves_http_with_the_subclass():
     assert issubclass(ChatHttpProtocol, HttpToolsProtocol)  # what "auto" picks with httptools installed
 
 
+def test_the_worker_serves_websockets_with_the_subclass():
+    assert WORKER["ws"] == "app.ws_protocol:ChatWebSocketProtocol"
+
+
 async def test_a_websocket_leaves_no_http_protocol_for_the_cyclic_gc():
-    assert await http_protocols_left_by_websockets(ChatUvicornWorker.CONFIG_KWARGS["http"]) == 0
+    assert await left_by_websockets(HttpToolsProtocol) == 0
 
 
-async def test_control_uvicorns_own_protocol_leaves_one_per_websocket():
-    assert await http_protocols_left_by_websockets("httptools") == SOCKETS
+async def test_control_uvicorns_own_http_protocol_leaves_one_per_websocket():
+    assert await left_by_websockets(HttpToolsProtocol, http="httptools") == SOCKETS
+
+
+async def test_a_websocket_leaves_no_websockets_protocol_for_the_cyclic_gc():
+    assert await left_by_websockets(ServerProtocol) == 0
+
+
+async def test_control_uvicorns_own_ws_protocol_leaves_one_per_websocket():
+    assert await left_by_websockets(ServerProtocol, ws="websockets-sansio") == SOCKETS
 
 
 async def test_plain_http_still_served_and_freed():
