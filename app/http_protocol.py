@@ -11,7 +11,7 @@ rarely and the oldest one about every ten minutes under churn
 (app/uvicorn_worker.py), so this garbage piled up between full collections
 and the workers' RSS climbed through the churn soak (bench/README.md "Churn":
 found with gc.DEBUG_SAVEALL in a worker at 200 reconnects/s: ~100 such
-cycles a second per worker, nothing else of note).
+cycles a second per worker; app/ws_protocol.py has the other one).
 
 The subclass (app/uvicorn_worker.py: `http`) drops the parser once the
 websocket protocol has taken the transport, as `connection_lost` does.

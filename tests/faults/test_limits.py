@@ -73,8 +73,13 @@ class Browser:
         self.base = {"Host": f"127.0.0.1:{port}", "X-Forwarded-Proto": "https"}
         if forwarded_for:
             self.base["X-Forwarded-For"] = forwarded_for
+        # A kept-alive connection is not reused after 2 s idle: the server closes idle ones after
+        # 5 s (gunicorn.conf.py `keepalive`), and a request sent as that close crosses it fails
+        # with "Server disconnected" (seen once in CI, where the first, slow password checks left
+        # some of 50 clients idle about 5 s). Browsers resend on such a stale connection; httpx does not.
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, follow_redirects=False,
-                                   transport=httpx.HTTPTransport(local_address=source))
+                                   transport=httpx.HTTPTransport(local_address=source,
+                                                                 limits=httpx.Limits(keepalive_expiry=2.0)))
         self.cookies = dict(cookies or {})
 
     def _headers(self, extra=None):
