@@ -16,7 +16,8 @@ from __future__ import annotations
 import time
 
 from bench import report
-from bench.stack import cpu_seconds, machine_busy_seconds, memory, open_connections
+from bench.stack import cpu_seconds, machine_busy_seconds, memory
+from tests.harness.sockets import established
 
 BUSY_STEP_BASE = 20_000  # step numbers of busy sub-steps (the sweep uses 0.., the idle probe 10,000)
 PROBE_STEP = 30_000
@@ -168,7 +169,7 @@ def churn(bench, stack, seeded) -> dict:
             samples.append({"t_s": round(now, 2), "rss": m["rss"], "pss": m["pss"], "workers_rss": w["rss"],
                             "workers_pss": w["pss"], "workers": len(pids) - 1,
                             # what the RSS follows: sockets the server holds (in handshake or open)
-                            "open": open_connections(stack.port)})
+                            "open": established(stack.port)})
             if all(f.done() for f in futures) or now > limit:
                 break
             time.sleep(max(0.0, min(a.churn_sample, t0 + len(samples) * a.churn_sample - time.monotonic())))

@@ -157,22 +157,6 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / _TICK
 
 
-def open_connections(port: int) -> int:
-    """TCP connections established to `port` on this machine (/proc/net/tcp and tcp6), server side."""
-    n = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            # local_address is HEX_IP:HEX_PORT; state 01 is ESTABLISHED.
-            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                n += 1
-    return n
-
-
 def memory(pids) -> dict:
     """RSS (counts shared pages in every process) and PSS (splits them) in bytes."""
     rss = pss = 0

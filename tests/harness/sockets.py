@@ -1,16 +1,27 @@
-"""Which server process holds the far end of a client's TCP connection."""
+"""Server-side TCP connections, from /proc: which process holds a client's far end, how many are open."""
 import os
 
 
-def _inode_of(server_port: int, client_port: int) -> str | None:
+def _rows():
+    """The columns of each row of the kernel's TCP tables (IPv4 and IPv6), with the ports as ints."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as fh:
             for row in fh.readlines()[1:]:
                 cols = row.split()
-                local, remote, inode = cols[1], cols[2], cols[9]
-                if int(local.rsplit(":", 1)[1], 16) == server_port and int(remote.rsplit(":", 1)[1], 16) == client_port:
-                    return inode
+                local, remote = int(cols[1].rsplit(":", 1)[1], 16), int(cols[2].rsplit(":", 1)[1], 16)
+                yield local, remote, cols
+
+
+def _inode_of(server_port: int, client_port: int) -> str | None:
+    for local, remote, cols in _rows():
+        if local == server_port and remote == client_port:
+            return cols[9]
     return None
+
+
+def established(server_port: int) -> int:
+    """TCP connections established to `server_port` on this machine, counted on the server side."""
+    return sum(1 for local, _, cols in _rows() if local == server_port and cols[3] == "01")  # 01: ESTABLISHED
 
 
 def server_pid(server_port: int, client_port: int, pids: list[int]) -> int | None:

@@ -8,7 +8,7 @@ ServerProtocol and its parser generator, which never finishes
 event loop with the worker's own `http` and `ws` protocol settings, real
 websocket and HTTP clients. The cyclic collector is off while the sockets come
 and go, so what is still alive afterwards is what only a collection would free.
-The same run with Uvicorn's own protocol is the control: it pins the library
+The same run with each library's own protocol is the control: it pins the library
 behaviour each subclass exists for (when the library breaks the cycle itself,
 that test fails and the override can go).
 """
@@ -16,7 +16,6 @@ import asyncio
 import gc
 import urllib.request
 
-import pytest
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect
@@ -44,10 +43,9 @@ WORKER = ChatUvicornWorker.CONFIG_KWARGS
 
 
 async def serve(http, ws=WORKER["ws"]):
-    kwargs = WORKER
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
                                            http=http, ws=ws,
-                                           ws_per_message_deflate=kwargs["ws_per_message_deflate"]))
+                                           ws_per_message_deflate=WORKER["ws_per_message_deflate"]))
     server.install_signal_handlers = lambda: None  # the test runner keeps its own
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -59,8 +57,11 @@ def live(cls) -> int:
     return sum(issubclass(type(o), cls) for o in gc.get_objects())  # type(): no weakproxy lookups
 
 
-def live_http_protocols() -> int:
-    return live(HttpToolsProtocol)
+async def until_every_connection_gone(server):
+    for _ in range(500):
+        if not server.server_state.connections:
+            return
+        await asyncio.sleep(0.01)
 
 
 async def left_by_websockets(cls, http=WORKER["http"], ws=WORKER["ws"]) -> int:
@@ -72,13 +73,10 @@ async def left_by_websockets(cls, http=WORKER["http"], ws=WORKER["ws"]) -> int:
         before = live(cls)
         gc.disable()
         for n in range(SOCKETS):
-            async with connect(f"ws://127.0.0.1:{port}/ws/", compression=None) as ws:
-                await ws.send(str(n))
-                assert await ws.recv() == f"echo {n}"
-        for _ in range(500):  # until Uvicorn has seen every connection go
-            if not server.server_state.connections:
-                break
-            await asyncio.sleep(0.01)
+            async with connect(f"ws://127.0.0.1:{port}/ws/", compression=None) as sock:
+                await sock.send(str(n))
+                assert await sock.recv() == f"echo {n}"
+        await until_every_connection_gone(server)
         await asyncio.sleep(0.05)
         return live(cls) - before
     finally:
@@ -88,7 +86,7 @@ async def left_by_websockets(cls, http=WORKER["http"], ws=WORKER["ws"]) -> int:
 
 
 def test_the_worker_serves_http_with_the_subclass():
-    assert ChatUvicornWorker.CONFIG_KWARGS["http"] == "app.http_protocol:ChatHttpProtocol"
+    assert WORKER["http"] == "app.http_protocol:ChatHttpProtocol"
     assert issubclass(ChatHttpProtocol, HttpToolsProtocol)  # what "auto" picks with httptools installed
 
 
@@ -113,19 +111,16 @@ async def test_control_uvicorns_own_ws_protocol_leaves_one_per_websocket():
 
 
 async def test_plain_http_still_served_and_freed():
-    server, task, port = await serve(ChatUvicornWorker.CONFIG_KWARGS["http"])
+    server, task, port = await serve(WORKER["http"])
     try:
         gc.collect()
-        before = live_http_protocols()
+        before = live(HttpToolsProtocol)
         gc.disable()
         for _ in range(5):
             body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read())
             assert body == b"ok"
-        for _ in range(500):
-            if not server.server_state.connections:
-                break
-            await asyncio.sleep(0.01)
-        assert live_http_protocols() == before
+        await until_every_connection_gone(server)
+        assert live(HttpToolsProtocol) == before
     finally:
         gc.enable()
         server.should_exit = True
