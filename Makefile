@@ -19,8 +19,9 @@ run: $(STAMP)
 	DEBUG=True $(BIN)/python manage.py runserver 127.0.0.1:8000
 
 ## Everything: unit, integration (real Redis/PostgreSQL/gunicorn), browser, and every target.
+## Two lanes side by side: the VM and platform targets, and the rest (tests/README.md).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --lanes
 
 ## Only what needs no Docker: unit, integration, browser and fault tests.
 test-fast: $(STAMP)

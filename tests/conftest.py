@@ -6,6 +6,8 @@ tests (bare stack, image, platforms, VMs, pods) run it in a subprocess with
 """
 from pathlib import Path
 
+import pytest
+
 from tests.harness import services
 
 pytest_plugins = ["tests.harness.fixtures"]
@@ -24,12 +26,59 @@ def pytest_addoption(parser):
     group.addoption("--expect-workers", type=int, default=2, help="Uvicorn workers per gunicorn master")
     group.addoption("--expect-port", type=int, default=8000, help="port gunicorn listens on, on the host")
     group.addoption("--redis", help="HOST:PORT of Redis as seen from the host")
+    parser.addoption("--lanes", action="store_true",
+                     help="with -n 2: tests/vm and tests/platforms in one worker, the rest in the other (lane_of)")
 
 
 def pytest_ignore_collect(collection_path, config):
     if CONTRACT in (collection_path, *collection_path.parents) and not config.getoption("--target-url"):
         return True
     return None
+
+
+# `make test` runs two lanes side by side (`pytest -n 2 --lanes`). The VM
+# deployment tests (tests/vm: three systemd hosts, four playbook runs) spend
+# most of their ~13 minutes waiting on SSH, apt and pip inside the hosts, and
+# the rest of the suite leaves about half of the two cores idle too (sleeps,
+# restarts, timeouts). The platform emulations (~5 minutes) join the VM lane
+# so that the two lanes take about as long. Each lane runs in one xdist
+# worker, in order, with its session fixtures to itself.
+TARGETS_LANE = ("tests/vm/", "tests/platforms/")
+
+
+def lane_of(nodeid: str) -> str:
+    return "targets" if nodeid.startswith(TARGETS_LANE) else "main"
+
+
+@pytest.hookimpl(trylast=True)  # after tests/vm's own order (the Sentinel layout last)
+def pytest_collection_modifyitems(items):
+    """In the targets lane the VM tests go first: their hosts' first minutes
+    are the lane's busiest for the CPU, while the other lane's first tests
+    leave it idle."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/platforms/"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("--lanes"):
+        from tests.harness.lanes import LaneScheduling
+
+        return LaneScheduling(config, log, lane_of)
+    return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """A lane's own summary lines (tests/vm's timings), kept for the end."""
+    SUMMARIES.extend(getattr(node, "workeroutput", {}).get("summary_lines", []))
+
+
+SUMMARIES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARIES:
+        terminalreporter.write_line(line)
 
 
 def pytest_configure(config):

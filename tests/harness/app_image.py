@@ -12,7 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.harness.debian_image import image_exists, python_base_image
+from tests.harness.debian_image import building, image_exists, python_base_image
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = os.environ.get("CHAT_TEST_DOCKER", "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker")
@@ -31,7 +31,8 @@ def build_app_image(tag: str = "chat-test/app:latest", *, dockerfile: str | os.P
     cmd = [DOCKER, "build", "--network", "host", "--build-arg", f"PYTHON_IMAGE={base}",
            "-f", str(dockerfile or REPO / "Dockerfile"), "-t", tag, str(context or REPO)]
     env = dict(os.environ, DOCKER_BUILDKIT="0" if DOCKER != "/usr/bin/docker" else os.environ.get("DOCKER_BUILDKIT", "1"))
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with building(tag):  # the other lane of `make test` may build the same tag
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"docker build failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return tag

@@ -7,8 +7,11 @@ an image. Images are cached by tag: a second call is free.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -34,11 +37,29 @@ def image_exists(tag: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
 
 
+@contextlib.contextmanager
+def building(tag: str):
+    """One build of `tag` at a time on this machine: `make test`'s two lanes
+    (tests/conftest.py) and parallel sessions may ask for the same image at
+    once; the second waits, then finds it built."""
+    path = os.path.join(tempfile.gettempdir(), "chat-test-image-" + re.sub(r"[^\w.-]", "_", tag) + ".lock")
+    with open(path, "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        yield
+
+
 def build_debian_image(tag: str, suite: str = "trixie", include: list[str] | None = None,
                        changes: list[str] | None = None) -> str:
     """Build (once) a minbase Debian image called `tag` and return the tag."""
     if image_exists(tag):
         return tag
+    with building(tag):
+        if not image_exists(tag):
+            _debootstrap_image(tag, suite, include, changes)
+    return tag
+
+
+def _debootstrap_image(tag: str, suite: str, include: list[str] | None, changes: list[str] | None) -> None:
     root = tempfile.mkdtemp(prefix="debroot-")
     try:
         pkgs = ",".join(include or PYTHON_PACKAGES)
@@ -59,7 +80,6 @@ def build_debian_image(tag: str, suite: str = "trixie", include: list[str] | Non
         subprocess.run(cmd + ["-", tag], stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL)
         if tar.wait() != 0:
             raise RuntimeError("tar of the debootstrap root failed")
-        return tag
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -89,6 +109,13 @@ def services_image(tag: str = "chat-test/services:trixie") -> str:
     if image_exists(tag):
         return tag
     base = python_base_image()
+    with building(tag):
+        if not image_exists(tag):
+            _build_services_image(tag, base)
+    return tag
+
+
+def _build_services_image(tag: str, base: str) -> None:
     dockerfile = (
         f"FROM {base}\n"
         "RUN apt-get update \\\n"
@@ -98,4 +125,3 @@ def services_image(tag: str = "chat-test/services:trixie") -> str:
     env = dict(os.environ, DOCKER_BUILDKIT="0")
     subprocess.run(["docker", "build", "--network", "host", "-t", tag, "-"], input=dockerfile.encode(),
                    env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return tag

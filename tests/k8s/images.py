@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.harness.debian_image import image_exists, python_base_image
+from tests.harness.debian_image import building, image_exists, python_base_image
 
 DOCKERFILE = """\
 FROM {base}
@@ -36,8 +36,11 @@ def redis_image(tag: str) -> str:
         return tag
     base = python_base_image()
     env = dict(os.environ, DOCKER_BUILDKIT="0")
-    r = subprocess.run(["docker", "build", "--network", "host", "-t", tag, "-"],
-                       input=DOCKERFILE.format(base=base, tag=tag).encode(), env=env, capture_output=True, timeout=900)
+    with building(tag):
+        if image_exists(tag):  # built by another session while this one waited
+            return tag
+        r = subprocess.run(["docker", "build", "--network", "host", "-t", tag, "-"],
+                           input=DOCKERFILE.format(base=base, tag=tag).encode(), env=env, capture_output=True, timeout=900)
     if r.returncode != 0:
         raise RuntimeError(f"building {tag} failed:\n{r.stdout.decode()[-3000:]}\n{r.stderr.decode()[-3000:]}")
     return tag

@@ -21,9 +21,20 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "").endswith("test_sentinel_layout"))
 
 
+def timings_line() -> str:
+    return "tests/vm timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items())
+
+
+def pytest_sessionfinish(session):
+    """In an xdist lane, the line goes to the controller (tests/conftest.py prints it)."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None and TIMINGS:
+        output.setdefault("summary_lines", []).append(timings_line())
+
+
 def pytest_terminal_summary(terminalreporter):
     if TIMINGS:
-        terminalreporter.write_line("tests/vm timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items()))
+        terminalreporter.write_line(timings_line())
 
 
 @pytest.fixture(scope="session")
