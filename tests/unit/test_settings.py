@@ -91,6 +91,9 @@ UNSAFE = [
     ("SECRET_KEY", DEV_KEY),
     ("DATABASE_URL", "sqlite:///db.sqlite3"),
 ]
+# Test ids that do not change between collections (random values would: the
+# two xdist workers of `make test` must collect the same ids) and print no key.
+UNSAFE_IDS = ["ALLOWED_HOSTS-wildcard", "SECRET_KEY-short", "SECRET_KEY-dev-key", "DATABASE_URL-sqlite"]
 
 
 @pytest.mark.parametrize("value, weak", [
@@ -103,7 +106,8 @@ UNSAFE = [
     ("django-insecure-" + secrets.token_urlsafe(40), True),
     (DEV_KEY, True),
     ("<generate: python3 -c 'import secrets; print(secrets.token_urlsafe(50))'>", True),
-])
+], ids=["render-generated", "hex-32", "urlsafe-50", "long-mostly-x", "short", "repeated", "django-insecure", "dev-key",
+        "placeholder"])
 def test_what_counts_as_a_weak_secret_key(value, weak):
     from app.env import secret_key_problem
 
@@ -114,7 +118,7 @@ def gunicorn_cmd():
     return [os.path.join(os.path.dirname(sys.executable), "gunicorn")]
 
 
-@pytest.mark.parametrize("name, value", UNSAFE)
+@pytest.mark.parametrize("name, value", UNSAFE, ids=UNSAFE_IDS)
 def test_unsafe_settings_stop_manage_py_with_one_line(name, value):
     result = run({**GOOD, name: value}, cmd=[sys.executable, "manage.py", "check"])
     assert result.returncode != 0
@@ -124,7 +128,7 @@ def test_unsafe_settings_stop_manage_py_with_one_line(name, value):
         assert value not in result.stdout + result.stderr  # a secret is named, never printed
 
 
-@pytest.mark.parametrize("name, value", [UNSAFE[0], UNSAFE[1], UNSAFE[3]])
+@pytest.mark.parametrize("name, value", [UNSAFE[0], UNSAFE[1], UNSAFE[3]], ids=[UNSAFE_IDS[i] for i in (0, 1, 3)])
 def test_unsafe_settings_stop_gunicorns_master(name, value):
     result = run({**GOOD, name: value, "PORT": "1"}, cmd=gunicorn_cmd())
     output = result.stdout + result.stderr
