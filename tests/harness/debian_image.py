@@ -37,13 +37,16 @@ def image_exists(tag: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
 
 
+def lock_path(tag: str) -> str:
+    return os.path.join(tempfile.gettempdir(), "chat-test-image-" + re.sub(r"[^\w.-]", "_", tag) + ".lock")
+
+
 @contextlib.contextmanager
 def building(tag: str):
     """One build of `tag` at a time on this machine: `make test`'s two lanes
     (tests/conftest.py) and parallel sessions may ask for the same image at
     once; the second waits, then finds it built."""
-    path = os.path.join(tempfile.gettempdir(), "chat-test-image-" + re.sub(r"[^\w.-]", "_", tag) + ".lock")
-    with open(path, "w") as guard:
+    with open(lock_path(tag), "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         yield
 
