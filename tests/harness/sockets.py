@@ -13,8 +13,11 @@ def _rows():
 
 
 def _inode_of(server_port: int, client_port: int) -> str | None:
+    # Only an ESTABLISHED row has a socket a process holds: an earlier
+    # connection from the same client port can still be listed in TIME_WAIT
+    # (inode 0) when the kernel hands that port out again.
     for local, remote, cols in _rows():
-        if local == server_port and remote == client_port:
+        if local == server_port and remote == client_port and cols[3] == "01" and cols[9] != "0":
             return cols[9]
     return None
 
