@@ -43,7 +43,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth import HASH_SESSION_KEY
 
-from app.chat import layer, logfilters, resync, revocation, slots, throttle, wire
+from app.chat import handshake_reads, layer, logfilters, resync, revocation, slots, throttle, wire
 from app.chat.db_hops import NoIdleDatabaseHops
 from app.chat.dispatch import LeanDispatch
 from app.chat.guard import OUTAGE_ERRORS
@@ -178,7 +178,7 @@ def load_connect_state(room_id, session, after, limit):
     the group member live. A page without a cursor (or with one at last_seq,
     the usual reconnect that missed nothing) therefore needs no message
     query at all: nothing stored can come after last_seq yet."""
-    room = Room.objects.filter(pk=room_id).first()
+    room = handshake_reads.room(Room, room_id)  # Room.objects.filter(pk=room_id).first(), as plain SQL
     if room is None:
         return None, None, None, None, []
     known = room.last_seq

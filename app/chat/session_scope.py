@@ -17,10 +17,13 @@ same way) adds the user to it too, instead of three more copies (bench/README.md
 """
 from __future__ import annotations
 
-from importlib import import_module
-
 from channels.auth import AuthMiddleware
+from channels.db import database_sync_to_async
 from django.conf import settings
+
+from app.chat import handshake_reads
+
+get_user = database_sync_to_async(handshake_reads.get_user)
 
 
 class WebsocketSessionMiddleware:
@@ -30,7 +33,8 @@ class WebsocketSessionMiddleware:
     async def __call__(self, scope, receive, send):
         if "cookies" not in scope:
             raise ValueError("No cookies in scope: WebsocketSessionMiddleware needs to run inside CookieMiddleware.")
-        store = import_module(settings.SESSION_ENGINE).SessionStore
+        # The database store reading its row with plain SQL (app/chat/handshake_reads.py).
+        store = handshake_reads.session_store()
         # CookieMiddleware's copy, made for this connection: no copy of our own.
         scope["session"] = store(scope["cookies"].get(settings.SESSION_COOKIE_NAME))
         return await self.app(scope, receive, send)
@@ -40,6 +44,10 @@ class WebsocketAuthMiddleware(AuthMiddleware):
     """Channels' AuthMiddleware in the scope it is given, which must be this
     connection's own (inside WebsocketSessionMiddleware): Channels' copies it
     and its BaseMiddleware copies it again."""
+
+    async def resolve_scope(self, scope):
+        # Channels' get_user, the user row read with plain SQL (app/chat/handshake_reads.py).
+        scope["user"]._wrapped = await get_user(scope)
 
     async def __call__(self, scope, receive, send):
         self.populate_scope(scope)
