@@ -21,8 +21,18 @@ worker's CPU (bench/PERFORMANCE.md). Here:
   (a convoy: 10-100 ms per message under load). Here the publishes that
   come while one pipeline is in flight go together in the next one.
 
-Everything else (subscriptions, reconnects and their resync hook, Sentinel
-hosts, flush) is the library's. This module is the only place that subclasses
+* a socket's own channel is process-local: `new_channel` names it
+  `<inbox>!<id>` (Channels' form for process-local channels), where the inbox
+  is one Redis channel per worker, subscribed once. `send` to such a name
+  publishes to its inbox with the name in front of the payload, and the
+  worker's receive loop puts it in that socket's queue. The library
+  subscribed to a Redis channel per socket: a SUBSCRIBE when it opened and
+  an UNSUBSCRIBE when it closed, each under the shard's lock, and their
+  replies through the receive loop (~7 % of a worker's CPU under a churn of
+  reconnects: bench/README.md "Worker CPU per reconnect").
+
+Everything else (group subscriptions, reconnects and their resync hook,
+Sentinel hosts, flush) is the library's. This module is the only place that subclasses
 its internals; tests/integration/test_channel_layer.py pins what it relies on
 (the library version is locked in requirements.txt).
 """
@@ -31,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import uuid
 from typing import Callable
 
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
@@ -111,6 +122,13 @@ class _Shard(RedisSingleShardConnection):
         if isinstance(name, bytes):
             name = name.decode()
         layer = self.channel_layer  # the loop layer: its channels and groups
+        if name == layer.inbox:
+            # "<socket's channel>\n<payload>" (_LoopLayer.send); a socket gone meanwhile gets nothing.
+            target, _, data = message["data"].partition(b"\n")
+            queue = layer.channels.get(target.decode())
+            if queue is not None:
+                queue.put_nowait(data)
+            return
         members = layer.groups.get(name)
         if members is None or name in layer.channels:
             return super()._receive_message(message)
@@ -131,14 +149,49 @@ class _Shard(RedisSingleShardConnection):
             queue.put_nowait(data)
 
 
+LOCAL_PREFIX = "specific."
+
+
 class _LoopLayer(RedisPubSubLoopLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._shards = [_Shard(shard.host, self) for shard in self._shards]
+        # This worker's (event loop's) one Redis channel for its sockets' own channels.
+        self.inbox = f"{self.prefix}{LOCAL_PREFIX}{uuid.uuid4().hex}!"
+
+    async def new_channel(self, prefix=LOCAL_PREFIX):
+        if prefix != LOCAL_PREFIX:
+            return await super().new_channel(prefix)
+        channel = f"{self.inbox}{uuid.uuid4().hex}"
+        self.channels[channel] = LeanQueue()  # an idle asyncio.Queue is ~3 KiB (app/lean_asyncio.py)
+        shard = self._get_shard(self.inbox)
+        if self.inbox not in shard._subscribed_to:  # once per worker, and again after a flush
+            await shard.subscribe(self.inbox)
+        return channel
+
+    async def send(self, channel, message):
+        inbox, local, _ = channel.partition("!")
+        if not local:
+            return await super().send(channel, message)
+        inbox += "!"
+        # A channel name never holds a newline (Channels' name rules), so the first one ends it.
+        await self._get_shard(inbox).publish(inbox, channel.encode() + b"\n" + self.channel_layer.serialize(message))
+
+    async def receive(self, channel):
+        queue = self.channels.get(channel) if channel.startswith(self.inbox) else None
+        if queue is None:
+            return await super().receive(channel)
+        try:
+            message = await queue.get()
+        except (asyncio.CancelledError, asyncio.TimeoutError, GeneratorExit):
+            # The consumer is ending (the library's assumption too): the channel goes; no UNSUBSCRIBE to send.
+            self.channels.pop(channel, None)
+            raise
+        return self.channel_layer.deserialize(message)
 
     async def _subscribe_to_channel(self, channel):
-        # The library's, with a LeanQueue for the channel's queue: every socket
-        # has a channel, and an idle asyncio.Queue is ~3 KiB (app/lean_asyncio.py).
+        # The library's (a channel of another prefix, or one first asked for by
+        # receive()), with a LeanQueue for the channel's queue.
         self.channels[channel] = LeanQueue()
         await self._get_shard(channel).subscribe(channel)
 

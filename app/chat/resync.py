@@ -172,6 +172,8 @@ async def prune_subscriptions(layer=None) -> int:
     if shards is None:
         return 0
     wanted = set(loop_layer.channels) | set(loop_layer.groups)
+    if getattr(loop_layer, "inbox", None):
+        wanted.add(loop_layer.inbox)  # the worker's sockets' channels, all in one (app/chat/layer.py)
     dropped = 0
     for shard in shards:
         pubsub = getattr(shard, "_pubsub", None)

@@ -118,11 +118,12 @@ async def acquire(user_id: int, socket_id: str, limit: int) -> tuple[bool, int]:
         return True, len(held)
     worker = _current()
     try:
-        allowed, count = await asyncio.wait_for(
-            throttle.async_script(ACQUIRE)(
+        # asyncio.timeout, not wait_for: on Python 3.11 (the image) wait_for
+        # runs the call in a task of its own, one more loop turn per handshake.
+        async with asyncio.timeout(throttle.TIMEOUT):
+            allowed, count = await throttle.async_script(ACQUIRE)(
                 keys=[_user_key(user_id)],
-                args=[limit, socket_id, worker.id, LEASE_PREFIX, int(LEASE * 1000), int(HASH_TTL * 1000)]),
-            throttle.TIMEOUT)
+                args=[limit, socket_id, worker.id, LEASE_PREFIX, int(LEASE * 1000), int(HASH_TTL * 1000)])
     except throttle._store_errors() as exc:
         raise throttle.Unavailable(f"{type(exc).__name__}: {exc}") from None
     if allowed:
@@ -144,7 +145,8 @@ async def release(user_id: int, socket_id: str) -> None:
     if worker.held.pop(socket_id, None) is None:
         return
     try:
-        await asyncio.wait_for(throttle.async_redis().hdel(_user_key(user_id), socket_id), throttle.TIMEOUT)
+        async with asyncio.timeout(throttle.TIMEOUT):
+            await throttle.async_redis().hdel(_user_key(user_id), socket_id)
     except throttle._store_errors() as exc:
         log.warning("socket slot not released yet (%s); retrying", type(exc).__name__)
         worker.unreleased[socket_id] = user_id

@@ -160,9 +160,16 @@ def _target():
 
     url = settings.CHAT_LIMITS_REDIS_URL
     if url:
-        return RedisTarget(url=url, password=getattr(settings, "REDIS", None) and settings.REDIS.password,
-                           tls_insecure=settings.REDIS_TLS_INSECURE)
+        # Asked for on every Redis command of the limits: built once per set of settings.
+        key = (url, getattr(settings, "REDIS", None) and settings.REDIS.password, settings.REDIS_TLS_INSECURE)
+        target = _url_targets.get(key)
+        if target is None:
+            target = _url_targets[key] = RedisTarget(url=key[0], password=key[1], tls_insecure=key[2])
+        return target
     return getattr(settings, "CHAT_LIMITS_REDIS_SENTINEL", None)
+
+
+_url_targets: dict = {}
 
 
 def _sync_script():

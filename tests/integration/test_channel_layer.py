@@ -159,3 +159,61 @@ def test_redis_replies_are_parsed_by_hiredis():
     from redis._parsers import _AsyncHiredisParser
 
     assert redis.asyncio.connection.DefaultParser is _AsyncHiredisParser
+
+
+@pytest.mark.parametrize("backend, per_socket", [(ChatPubSubChannelLayer, False), (RedisPubSubChannelLayer, True)])
+async def test_sockets_channels_cost_no_redis_subscription_each(redis_url, backend, per_socket):
+    """A socket's own channel is process-local (`<inbox>!<id>`): 30 of them
+    make one Redis subscription, the worker's inbox, and closing them sends
+    nothing; the library's layer subscribes to each (negative control)."""
+    import redis as redis_py
+
+    worker = backend(hosts=hosts(redis_url))
+    admin = redis_py.Redis.from_url(redis_url)
+    try:
+        channels = [await worker.new_channel() for _ in range(30)]
+        await settle(lambda: len(admin.pubsub_channels()) == (30 if per_socket else 1))
+        assert all(("!" in name) is not per_socket for name in channels)
+        before = admin.info("commandstats").get("cmdstat_unsubscribe", {}).get("calls", 0)
+        readers = [asyncio.ensure_future(worker.receive(name)) for name in channels]
+        await asyncio.sleep(0.05)
+        for reader in readers:  # how Channels ends a consumer's channel
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await asyncio.sleep(0.3)
+        unsubscribed = admin.info("commandstats").get("cmdstat_unsubscribe", {}).get("calls", 0) - before
+        assert (unsubscribed > 0) is per_socket, unsubscribed
+        assert not worker._get_layer().channels  # every queue dropped
+    finally:
+        admin.close()
+        await worker.flush()
+
+
+async def test_send_reaches_a_socket_of_another_worker_through_its_inbox(redis_url):
+    """`send(channel)` from any code, any process: worker B sends to two
+    sockets of worker A; each gets its own message, in order, and a send to a
+    socket that has closed is dropped without disturbing the others."""
+    worker_a, worker_b = ChatPubSubChannelLayer(hosts=hosts(redis_url)), ChatPubSubChannelLayer(hosts=hosts(redis_url))
+    try:
+        first, second, gone = (await worker_a.new_channel(), await worker_a.new_channel(),
+                               await worker_a.new_channel())
+        assert first.startswith(worker_a._get_layer().inbox) and not first.startswith(worker_b._get_layer().inbox)
+        reader = asyncio.ensure_future(worker_a.receive(gone))
+        await asyncio.sleep(0.05)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        for n in range(3):
+            await worker_b.send(gone, {"type": "x", "n": -1})
+            await worker_b.send(first, {"type": "x", "n": n, "to": "first"})
+            await worker_b.send(second, {"type": "x", "n": n, "to": "second"})
+        for name, to in ((first, "first"), (second, "second")):
+            got = [await asyncio.wait_for(worker_a.receive(name), 5) for _ in range(3)]
+            assert got == [{"type": "x", "n": n, "to": to} for n in range(3)]
+        # After a flush (connections closed, subscriptions forgotten) a new socket subscribes the inbox again.
+        await worker_a.flush()
+        again = await worker_a.new_channel()
+        await worker_b.send(again, {"type": "x", "n": 9})
+        assert (await asyncio.wait_for(worker_a.receive(again), 5)) == {"type": "x", "n": 9}
+    finally:
+        await worker_a.flush()
+        await worker_b.flush()

@@ -51,8 +51,13 @@ async def test_a_group_discarded_while_redis_was_down_is_pruned_and_only_it():
         assert await subscribed(client, GONE, want=False), client.pubsub_channels()
         channels = set(client.pubsub_channels())
         assert KEPT in channels, channels  # positive control: a group in use stays
+        # So does the worker's inbox, the one subscription behind every socket's own channel.
+        inbox = layer._get_layer().inbox
+        assert inbox.encode() in channels, channels
         await asyncio.sleep(1.0)  # the receive loop reads Redis' confirmation of the unsubscribe
         assert await prune_subscriptions(layer) == 0
+        await layer.send(gone, {"type": "x"})  # a socket's channel still reaches it
+        assert (await asyncio.wait_for(layer.receive(gone), 5)) == {"type": "x"}
     finally:
         await layer.flush()
         client.close()

@@ -209,7 +209,8 @@ async def test_the_channel_layer_queues_each_channel_in_a_lean_queue(monkeypatch
     monkeypatch.setattr(_Shard, "subscribe", subscribed)
     layer = ChatPubSubChannelLayer(hosts=[{"address": "redis://127.0.0.1:1"}])
     channel = await layer.new_channel()
-    assert subscribed.names == [channel]
+    inbox = layer._get_layer().inbox  # the worker's one subscription for its sockets' channels
+    assert subscribed.names == [inbox] and channel.startswith(inbox)
     queue = layer._get_layer().channels[channel]
     assert isinstance(queue, LeanQueue)
     queue.put_nowait(layer.serialize({"type": "chat.ping"}))
