@@ -52,6 +52,9 @@ def test_django_cache_follows_the_failover(cluster):
     assert cache.get("before") == 1
     with cluster.primary().client() as r:
         assert r.exists("chat:1:before")  # written to the primary the sentinels name
+        # Replication is asynchronous: under load the replica can be a write
+        # behind when the primary is killed. WAIT until it has acknowledged it.
+        assert r.wait(1, 5000) >= 1, "the replica did not acknowledge the write"
     new_port = fail_over(cluster)
     deadline = time.monotonic() + 10
     while True:  # the first command after the kill may still meet the dead connection
