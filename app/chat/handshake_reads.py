@@ -37,14 +37,13 @@ DB_SESSION_ENGINE = "django.contrib.sessions.backends.db"
 
 
 class RowReader:
-    """SELECT every concrete column of `model` WHERE one column = %s, as the
-    model instance a queryset would return (Model.from_db, the ORM's converters
-    applied), or None. One per model and column; the SQL is built once per database."""
+    """SELECT every concrete column of `model` WHERE pk = %s, as the model
+    instance a queryset would return (Model.from_db, the ORM's converters
+    applied), or None. One per model; the SQL is built once per database."""
 
-    def __init__(self, model, column_field: str = "pk"):
+    def __init__(self, model):
         self.model = model
-        field = model._meta.pk if column_field == "pk" else model._meta.get_field(column_field)
-        self.key_field = field
+        self.key_field = model._meta.pk
         self.fields = list(model._meta.concrete_fields)
         self.attnames = [f.attname for f in self.fields]
         self._per_alias = {}
