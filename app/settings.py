@@ -138,6 +138,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env.get
         # (503 page, websocket error frame): the wait while PostgreSQL is down.
         "timeout": env.get_float("DATABASE_POOL_TIMEOUT", 5.0, minimum=0.1),
     }
+    # The pool checks a connection (an empty query) before it lends it out. A
+    # connection that sat in the pool while PostgreSQL restarted is dead, and
+    # without the check the first request or handshake to get it failed (a
+    # 503, a 1013) after every restart. One round trip per hop to the ORM's
+    # thread; the message writer has a connection of its own (app/chat/writer.py).
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Channel layer --------------------------------------------------------------

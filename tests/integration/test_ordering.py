@@ -49,6 +49,19 @@ def test_one_bad_row_fails_alone_on_postgresql(stack):
     assert any("one by one" in line for line in out["log"]), out["log"]  # it was one batch, then row by row
 
 
+def test_postgresql_batches_go_on_the_writers_own_connection_which_survives_a_server_goodbye(stack):
+    """On PostgreSQL the writer does not use the ORM's thread (the probe makes
+    that path fail), and a connection the server ended between two batches
+    (pg_terminate_backend) is replaced before the next one: no batch fails."""
+    with pg(stack) as conn:
+        room = conn.execute("INSERT INTO chat_room (name, created_at, last_seq) VALUES (%s, now(), 0) RETURNING id",
+                            (f"own {time.monotonic_ns()}",)).fetchone()[0]
+    out = probe(stack, "own_connection", room)
+    assert sorted(out["first"]) == [1, 2, 3], out
+    assert sorted(out["second"]) == [4, 5], out  # positive: nothing failed after the goodbye
+    assert out["pid_after"] != out["pid_before"], out  # a new connection, not the terminated one
+
+
 def test_concurrent_batches_number_every_room_gap_free(stack):
     """Two processes write batches that each hold several rooms' messages in
     random order: every room's seqs are 1..n, each once, and no batch

@@ -10,6 +10,11 @@ ARGS`); prints one JSON object. Commands:
   hammer ROOM_IDS N - N batches, each with several messages for each of the
             rooms in a random order (concurrent probes lock rooms in
             different orders: a deadlock would show here). Reports the seqs.
+  own_connection ROOM_ID - with the ORM thread's insert replaced by one that
+            fails: messages stored, then the writer's connection ended by
+            the server (pg_terminate_backend, from another connection), then
+            more messages. Reports the seqs, the writer connection's backend
+            pids and what each store raised.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import os
 import random
 import secrets
 import sys
+import time
 
 
 def setup():
@@ -91,10 +97,52 @@ async def hammer(room_ids, batches):
     return {"seqs": seqs, "failures": failures}
 
 
+async def own_connection(room_id):
+    import psycopg
+    from channels.db import database_sync_to_async
+    from django.db import connection
+
+    from app.chat import writer
+
+    def no_thread_hop(*args, **kwargs):
+        raise AssertionError("the ORM thread's insert was used")
+
+    writer._insert = no_thread_hop
+
+    async def store(n):
+        results = await asyncio.gather(*(writer.store_message(room_id, None, f"own {i}") for i in range(n)),
+                                       return_exceptions=True)
+        return [type(r).__name__ if isinstance(r, BaseException) else r.seq for r in results]
+
+    def the_writer():
+        return writer._writers[asyncio.get_running_loop()].postgres.conn
+
+    first = await store(3)
+    pid_before = the_writer().info.backend_pid
+
+    @database_sync_to_async
+    def terminate(pid):
+        params = connection.get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+        with psycopg.connect(autocommit=True, **params) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            for _ in range(100):  # until the backend is gone
+                if not other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+                    return
+                time.sleep(0.05)
+
+    await terminate(pid_before)
+    second = await store(2)
+    return {"first": first, "second": second, "pid_before": pid_before, "pid_after": the_writer().info.backend_pid}
+
+
 def main(argv):
     setup()
     if argv[0] == "poison":
         out = asyncio.run(poison())
+    elif argv[0] == "own_connection":
+        out = asyncio.run(own_connection(int(argv[1])))
     elif argv[0] == "hammer":
         out = asyncio.run(hammer([int(r) for r in argv[1].split(",")], int(argv[2])))
     else:
