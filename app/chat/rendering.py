@@ -17,8 +17,9 @@ def article_html(message_id: int, seq: int, author: str, body: str, created_iso:
     # ?after=<highest seq below which they miss none>.
     # The same HTML format_html gives (it escapes each argument with
     # html.escape, as here: tests/unit/test_rendering.py compares the two);
-    # format_html's lazy-string and SafeData checks cost ~7 % of a worker's
-    # CPU per received message under load (bench/README.md "The message path").
+    # format_html's lazy-string and SafeData checks per argument were the
+    # biggest part of a received frame's handling in a cProfile; unprofiled
+    # the gain is within the noise (bench/README.md "The message path").
     mid, iso = escape(str(message_id)), escape(str(created_iso))
     return SafeString(
         f'<article class="msg" id="msg-{mid}" data-msg-id="{mid}" data-seq="{escape(str(seq))}">'

@@ -234,7 +234,7 @@ class _Batch:
     EVALSHA of its own cost a pool checkout, a timeout, command packing and a
     read turn of the event loop: about as much of a worker's CPU as handing
     the message to all 20 members of its room (bench/README.md "The
-    per-user budget, batched"). The script takes the tokens in the order the
+    message path"). The script takes the tokens in the order the
     hits came, so two hits on one bucket in a batch count twice, as two calls did."""
 
     def __init__(self, script):
