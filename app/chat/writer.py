@@ -210,8 +210,11 @@ class _PostgresWriter:
 
 
 def _readable(fd: int) -> bool:
-    readable, _, _ = select.select([fd], [], [], 0)
-    return bool(readable)
+    # poll, not select: a worker holding thousands of sockets has descriptors
+    # above select()'s FD_SETSIZE (1024), and a reconnect may get one.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def _write(writer: BatchWriter, messages: list[Message], committed: Callable[[], None] | None = None) -> None:

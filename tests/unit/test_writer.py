@@ -155,3 +155,30 @@ async def test_an_admission_that_fails_fails_only_its_message():
     results = await asyncio.gather(store_message(lobby.pk, alice.pk, "broken", broken),
                                    store_message(lobby.pk, bob.pk, "fine", fine), return_exceptions=True)
     assert isinstance(results[0], RuntimeError) and results[1].seq == 1
+
+
+def test_the_goodbye_check_works_above_select_fd_setsize():
+    """app/chat/writer.py's check for a connection the server closed: a worker
+    with thousands of sockets hands out descriptors above 1024, where
+    select.select() raises ValueError."""
+    import os
+    import resource
+    import socket
+
+    from app.chat.writer import _readable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1500:  # a shell's default of 1024: raise it (root and CI have a higher hard limit)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    a, b = socket.socketpair()
+    high = os.dup2(a.fileno(), 1500)
+    try:
+        assert not _readable(high)
+        b.send(b"x")  # the peer said something: readable
+        assert _readable(high)
+        b.close()
+        assert _readable(high)  # and a closed peer too (EOF)
+    finally:
+        os.close(high)
+        a.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
