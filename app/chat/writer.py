@@ -39,6 +39,7 @@ import select
 from collections import defaultdict
 from typing import Callable
 
+import psycopg
 from channels.db import database_sync_to_async
 from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import F
@@ -98,19 +99,6 @@ def _numbered(messages: list[Message]) -> list[int]:
     return ks
 
 
-def _batch_params(messages: list[Message], ks: list[int]) -> list:
-    return [[m.room_id for m in messages], [m.author_id for m in messages], [m.body for m in messages],
-            [m.created_at for m in messages], ks]
-
-
-def _insert_postgresql(messages: list[Message]) -> None:
-    ks = _numbered(messages)
-    with connection.cursor() as cursor:
-        cursor.execute(INSERT_BATCH, _batch_params(messages, ks))
-        rows = cursor.fetchall()
-    _assign(messages, ks, rows)
-
-
 def _assign(messages: list[Message], ks: list[int], rows) -> None:
     """Set seq and pk from INSERT_BATCH's rows (id, room_id, seq)."""
     # A room's messages got base+1 .. base+n in k order: the k-th smallest
@@ -164,28 +152,25 @@ class _PostgresWriter:
         self.conn = None
 
     async def _connection(self):
-        import psycopg
-
         if self.conn is not None and not self.conn.closed and _readable(self.conn.fileno()):
             # Between statements PostgreSQL sends nothing we asked for: anything
             # to read is its goodbye (a restart, pg_terminate_backend, an idle
             # timeout, a proxy's FIN). Connect again instead of failing a batch.
             await self._close()
         if self.conn is None or self.conn.closed or self.conn.broken:
-            params = connection.get_connection_params()
-            params.pop("cursor_factory", None)
-            params.pop("context", None)
+            params = connect_params()
             params.setdefault("connect_timeout", self.CONNECT_TIMEOUT)
             self.conn = await psycopg.AsyncConnection.connect(autocommit=True, **params)
         return self.conn
 
     async def insert(self, messages: list[Message]) -> None:
-        import psycopg
-
         ks = _numbered(messages)
         try:
             conn = await self._connection()
-            cursor = await conn.execute(INSERT_BATCH, _batch_params(messages, ks))
+            cursor = await conn.execute(INSERT_BATCH, [
+                [m.room_id for m in messages], [m.author_id for m in messages], [m.body for m in messages],
+                [m.created_at for m in messages], ks,
+            ])
             rows = await cursor.fetchall()
         except psycopg.IntegrityError as exc:  # Django's classes, as the ORM's thread raised them
             raise IntegrityError(*exc.args) from exc
@@ -209,6 +194,15 @@ class _PostgresWriter:
             pass
 
 
+def connect_params() -> dict:
+    """psycopg's connect() arguments for the default database: Django's own
+    (`get_connection_params()`), less its cursor class and its adapters."""
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    return params
+
+
 def _readable(fd: int) -> bool:
     # poll, not select: a worker holding thousands of sockets has descriptors
     # above select()'s FD_SETSIZE (1024), and a reconnect may get one.
@@ -219,9 +213,9 @@ def _readable(fd: int) -> bool:
 
 async def _write(writer: BatchWriter, messages: list[Message], committed: Callable[[], None] | None = None) -> None:
     """Write `messages` (see `_insert`): PostgreSQL on the event loop, anything else on the ORM's thread."""
+    for m in messages:
+        m.seq = m.pk = None  # a retry starts clean (a rolled-back attempt may have set them)
     if connection.vendor == "postgresql":
-        for m in messages:
-            m.seq = m.pk = None
         await writer.postgres.insert(messages)
     else:
         await _insert(messages, committed)
@@ -229,15 +223,10 @@ async def _write(writer: BatchWriter, messages: list[Message], committed: Callab
 
 @database_sync_to_async
 def _insert(messages: list[Message], committed: Callable[[], None] | None = None) -> None:
-    """Write `messages` and set seq and pk on those stored; a message whose room
-    is gone is left without them. `committed` runs on the database thread as
-    soon as the rows are committed."""
-    for m in messages:
-        m.seq = m.pk = None  # a retry starts clean (a rolled-back attempt may have set them)
-    if connection.vendor == "postgresql":
-        _insert_postgresql(messages)
-    else:
-        _insert_portable(messages)
+    """Write `messages` (any database but PostgreSQL) and set seq and pk on
+    those stored; a message whose room is gone is left without them.
+    `committed` runs on the database thread as soon as the rows are committed."""
+    _insert_portable(messages)
     if committed is not None:
         transaction.on_commit(committed)  # at once in autocommit; after the outer block otherwise
 

@@ -100,7 +100,6 @@ async def hammer(room_ids, batches):
 async def own_connection(room_id):
     import psycopg
     from channels.db import database_sync_to_async
-    from django.db import connection
 
     from app.chat import writer
 
@@ -122,10 +121,7 @@ async def own_connection(room_id):
 
     @database_sync_to_async
     def terminate(pid):
-        params = connection.get_connection_params()
-        params.pop("cursor_factory", None)
-        params.pop("context", None)
-        with psycopg.connect(autocommit=True, **params) as other:
+        with psycopg.connect(autocommit=True, **writer.connect_params()) as other:
             other.execute("SELECT pg_terminate_backend(%s)", (pid,))
             for _ in range(100):  # until the backend is gone
                 if not other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
